@@ -1,0 +1,189 @@
+"""model.yaml: load it, validate it, fill in the defaults.
+
+Every mistake is a ConfigError naming the file, the field and what is allowed, because the
+person reading it is deploying a model and has nothing else to go on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+CONFIG_FILE = "model.yaml"
+
+# format -> the keys of `files` it needs
+FORMAT_FILES: dict[str, tuple[str, ...]] = {
+    "caffe": ("prototxt", "weights"),
+    "onnx": ("onnx",),
+    "tensorflow": ("saved_model",),
+    "torch": ("torchscript",),
+    "tensorrt": ("plan",),
+}
+
+# format -> the runtimes that can serve it ("auto" is always allowed)
+FORMAT_RUNTIMES: dict[str, tuple[str, ...]] = {
+    "caffe": ("pycaffe", "opencv", "onnxruntime", "openvino", "tensorrt"),
+    "onnx": ("onnxruntime", "openvino", "tensorrt"),
+    "tensorflow": ("tensorflow", "onnxruntime", "openvino"),
+    "torch": ("torch",),
+    "tensorrt": ("tensorrt",),
+}
+
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "threads": 2,
+    "device": "cpu",
+    "precision": "fp32",
+    "pycaffe_command": None,
+}
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+TOP_LEVEL = ("name", "format", "files", "runtime", "options", "hooks", "inputs", "outputs")
+
+
+@dataclass
+class ModelConfig:
+    """A validated model.yaml. Paths in `files` and `hooks` are absolute."""
+
+    model_dir: Path
+    name: str
+    format: str
+    files: dict[str, Path]
+    runtime: str = "auto"
+    options: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OPTIONS))
+    hooks: Path | None = None
+    inputs: list[dict[str, Any]] | None = None
+    outputs: list[dict[str, Any]] | None = None
+
+    @property
+    def source(self) -> Path:
+        return self.model_dir / CONFIG_FILE
+
+
+def load_config(model_dir: str | Path, runtime: str | None = None) -> ModelConfig:
+    """Read MODEL_DIR/model.yaml. `runtime`, when given, overrides the file's choice."""
+    model_dir = Path(model_dir).resolve()
+    path = model_dir / CONFIG_FILE
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir}: no such model directory")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (every model directory needs a model.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields ({', '.join(TOP_LEVEL)})")
+    return parse_config(raw, model_dir, runtime)
+
+
+def parse_config(raw: dict[str, Any], model_dir: Path, runtime: str | None = None) -> ModelConfig:
+    path = model_dir / CONFIG_FILE
+    problem = _Reporter(path)
+    unknown = sorted(set(raw) - set(TOP_LEVEL))
+    if unknown:
+        problem(unknown[0], f"unknown field; allowed: {', '.join(TOP_LEVEL)}")
+
+    fmt = raw.get("format", "caffe")
+    if fmt not in FORMAT_FILES:
+        problem("format", f"{fmt!r} is not a format; allowed: {', '.join(FORMAT_FILES)}")
+    runtime = runtime or raw.get("runtime") or "auto"
+    allowed = ("auto", *FORMAT_RUNTIMES[fmt])
+    if runtime not in allowed:
+        problem("runtime", f"{runtime!r} cannot serve format {fmt}; allowed: {', '.join(allowed)}")
+
+    return ModelConfig(
+        model_dir=model_dir,
+        name=str(raw.get("name") or model_dir.name),
+        format=fmt,
+        files=_files(raw.get("files"), fmt, model_dir, problem),
+        runtime=runtime,
+        options=_options(raw.get("options"), problem),
+        hooks=_hooks(raw, model_dir, problem),
+        inputs=_signature(raw.get("inputs"), "inputs", problem),
+        outputs=_signature(raw.get("outputs"), "outputs", problem),
+    )
+
+
+class _Reporter:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, field_name: str, message: str) -> None:
+        raise ConfigError(f"{self.path}: field '{field_name}': {message}")
+
+
+def _files(files: Any, fmt: str, model_dir: Path, problem: _Reporter) -> dict[str, Path]:
+    needed = FORMAT_FILES[fmt]
+    example = ", ".join(f"{key}: ..." for key in needed)
+    if not isinstance(files, dict):
+        problem("files", f"required for format {fmt}: {{{example}}}")
+    resolved = {}
+    for key in needed:
+        if not files.get(key):
+            problem(f"files.{key}", f"required for format {fmt}: {{{example}}}")
+        file = (model_dir / str(files[key])).resolve()
+        if not file.exists():
+            problem(f"files.{key}", f"{file} does not exist")
+        resolved[key] = file
+    extra = sorted(set(files) - set(needed))
+    if extra:
+        problem(f"files.{extra[0]}", f"not a file of format {fmt}; expected {', '.join(needed)}")
+    return resolved
+
+
+def _options(options: Any, problem: _Reporter) -> dict[str, Any]:
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        problem("options", "expected a mapping, e.g. {threads: 2, device: cpu}")
+    merged = {**DEFAULT_OPTIONS, **options}
+    threads = merged["threads"]
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        problem("options.threads", f"{threads!r} is not a positive integer")
+    device = merged["device"]
+    if not isinstance(device, str) or not (device in ("cpu", "cuda") or _is_cuda_index(device)):
+        problem("options.device", f"{device!r}; allowed: cpu, cuda, cuda:N")
+    if merged["precision"] not in PRECISIONS:
+        problem("options.precision", f"{merged['precision']!r}; allowed: {', '.join(PRECISIONS)}")
+    command = merged["pycaffe_command"]
+    if command is not None and (
+        not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command)
+    ):
+        problem("options.pycaffe_command", 'expected a list of strings, e.g. ["chroot", "/srv/caffe", "python3"]')
+    return merged
+
+
+def _is_cuda_index(device: str) -> bool:
+    prefix, _, index = device.partition(":")
+    return prefix == "cuda" and index.isdigit()
+
+
+def _hooks(raw: dict[str, Any], model_dir: Path, problem: _Reporter) -> Path | None:
+    if "hooks" in raw and raw["hooks"] is not None:
+        hooks = (model_dir / str(raw["hooks"])).resolve()
+        if not hooks.is_file():
+            problem("hooks", f"{hooks} does not exist")
+        return hooks
+    default = model_dir / "hooks.py"
+    return default if default.is_file() else None
+
+
+def _signature(specs: Any, key: str, problem: _Reporter) -> list[dict[str, Any]] | None:
+    if specs is None:
+        return None
+    if not isinstance(specs, list):
+        problem(key, "expected a list of {name, dtype, shape}")
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or "name" not in spec:
+            problem(f"{key}[{i}]", "expected {name, dtype, shape} (dtype and shape optional)")
+        shape = spec.get("shape")
+        if shape is not None and not (isinstance(shape, list) and all(isinstance(d, int) for d in shape)):
+            problem(f"{key}[{i}].shape", f"{shape!r} is not a list of integers (-1 = any size)")
+        unknown = sorted(set(spec) - {"name", "dtype", "shape"})
+        if unknown:
+            problem(f"{key}[{i}].{unknown[0]}", "unknown field; allowed: name, dtype, shape")
+    return specs

@@ -1,0 +1,53 @@
+"""The errors the package raises, each carrying the HTTP status a request gets for it.
+
+Only `model.py` turns these into Seldon's exception; everything else raises these, so the
+runtimes, the hooks machinery and the Caffe format stay free of Seldon.
+"""
+
+from __future__ import annotations
+
+
+class SeldonCaffeError(Exception):
+    """Base class: a message meant for the user, and the HTTP status it maps to."""
+
+    status: int = 500
+    reason: str = "MICROSERVICE_INTERNAL_ERROR"
+
+
+class BadRequest(SeldonCaffeError):
+    """The request cannot be taken (shape, dtype, name, undecodable bytes...): HTTP 400.
+
+    Hooks raise it too, to reject a payload with a message the client can act on.
+    """
+
+    status = 400
+    reason = "MICROSERVICE_BAD_DATA"
+
+
+class HookError(SeldonCaffeError):
+    """A user hook raised: HTTP 500 naming the hook and the exception."""
+
+    status = 500
+    reason = "HOOK_ERROR"
+
+
+class ModelUnavailable(SeldonCaffeError):
+    """The model cannot answer right now (a worker died and is being restarted): HTTP 503."""
+
+    status = 503
+    reason = "MODEL_UNAVAILABLE"
+
+
+class Unsupported(SeldonCaffeError):
+    """The runtime cannot do this operation (e.g. set_weights on a compiled engine)."""
+
+    status = 500
+    reason = "UNSUPPORTED"
+
+
+class ModelLoadError(SeldonCaffeError):
+    """The model directory cannot be loaded: start-up stops with this one message."""
+
+
+class ConfigError(ModelLoadError):
+    """model.yaml is wrong: the message names the file, the field and what is allowed."""
