@@ -1,0 +1,73 @@
+# seldon-caffe: `make demo` and `make test` work on a fresh machine (as root for caffe-env).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV     ?= .venv
+VENV117  ?= .venv-117
+EXTRAS   ?= test,onnx,openvino,tensorflow
+# Python 3.12: seldon-core 1.19 needs it. Take python3.12 from PATH, else pyenv's.
+PYTHON312 ?= $(shell for p in python3.12 $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12; do \
+	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
+PY       := $(VENV)/bin/python
+MODEL    ?= examples/lenet
+# The second Seldon lane: 1.17.1 is the last Apache-2.0 release. Its gunicorn 20.1 imports
+# pkg_resources, which setuptools 70 removed; it brings protobuf 3.20.3.
+SELDON117 := "seldon-core==1.17.1" "setuptools<70"
+E2E_117  := tests/test_e2e.py tests/test_caffe_format.py
+
+.PHONY: help setup setup-117 caffe-env demo serve test test-117 lint bench proto clean
+
+help:
+	@echo "make setup      create $(VENV) (Python 3.12) with seldon-caffe and its extras ($(EXTRAS))"
+	@echo "make demo       set up, serve $(MODEL) and answer a sample request"
+	@echo "make serve      serve MODEL=$(MODEL) on ports 9000 (REST) / 5000 (gRPC) / 6000 (metrics)"
+	@echo "make test       set up (both Seldon lanes and real Caffe), then run every test"
+	@echo "make caffe-env  build the real-Caffe reference root (Debian bullseye python3-caffe; root only)"
+	@echo "make lint       ruff check and ruff format --check"
+	@echo "make bench      run benchmarks/ and update docs/benchmarks.md"
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found (install it, or set PYTHON312=/path/to/python3.12)"; exit 1; }
+	$(PYTHON312) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade "pip>=24"
+	$(VENV)/bin/pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+$(VENV117)/.installed: setup.cfg pyproject.toml
+	@test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found"; exit 1; }
+	$(PYTHON312) -m venv $(VENV117)
+	$(VENV117)/bin/pip install -q $(SELDON117) -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+setup-117: $(VENV117)/.installed
+
+caffe-env:
+	bash scripts/caffe-env.sh
+
+demo: setup
+	$(PY) scripts/demo.py $(MODEL)
+
+serve: setup
+	$(VENV)/bin/seldon-caffe serve $(MODEL)
+
+test: setup setup-117 caffe-env
+	$(PY) -m pytest -q -rs
+	$(MAKE) test-117
+
+test-117: setup-117
+	$(VENV117)/bin/python -m pytest -q -rs $(E2E_117)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: setup caffe-env
+	$(PY) benchmarks/runtimes.py
+
+proto:
+	bash scripts/gen_caffe_pb2.sh
+
+clean:
+	rm -rf $(VENV) $(VENV117) .pytest_cache

@@ -1,0 +1,116 @@
+"""Start the real microservice (`seldon-caffe serve`) on free ports and talk to it.
+
+Tests use `running_service(model_dir)`; it waits until Seldon's /health/status says the model
+loaded and the gRPC port accepts connections, and stops the whole process group afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import requests
+
+START_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Service:
+    process: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def post(self, payload: Any, path: str = "/api/v1.0/predictions", **kwargs: Any) -> requests.Response:
+        if isinstance(payload, (bytes, str)):
+            return requests.post(self.url + path, data=payload, timeout=120, **kwargs)
+        return requests.post(self.url + path, json=payload, timeout=120, **kwargs)
+
+    def client(self, transport: str):
+        """A SeldonClient talking straight to this microservice over `transport`."""
+        from seldon_core.seldon_client import SeldonClient
+
+        port = self.grpc_port if transport == "grpc" else self.http_port
+        return SeldonClient(microservice_endpoint=f"127.0.0.1:{port}", transport=transport)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def running_service(
+    model_dir: Path, *extra_args: str, env: dict[str, str] | None = None, timeout: float = START_TIMEOUT_S
+) -> Iterator[Service]:
+    ports = [free_port() for _ in range(3)]
+    log = Path(tempfile.mkstemp(prefix="seldon-caffe-service-", suffix=".log")[1])
+    argv = [sys.executable, "-m", "seldon_caffe.cli", "serve", str(model_dir)]
+    argv += ["--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(
+            [*argv, *extra_args],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,  # our own process group: stop() reaches gunicorn and gRPC children
+        )
+    service = Service(process, *ports, log_path=log)
+    try:
+        _wait_ready(service, timeout)
+        yield service
+    finally:
+        stop(service)
+        log.unlink(missing_ok=True)
+
+
+def _wait_ready(service: Service, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            raise RuntimeError(f"service exited with {service.process.returncode}:\n{service.log()}")
+        if _http_ready(service) and _port_open(service.grpc_port):
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"service not ready after {timeout}s:\n{service.log()}")
+
+
+def _http_ready(service: Service) -> bool:
+    try:
+        return requests.get(service.url + "/health/status", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def stop(service: Service) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(service.process.pid, signal.SIGTERM)
+    try:
+        service.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(service.process.pid, signal.SIGKILL)
+        service.process.wait()
