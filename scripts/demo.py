@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from google.protobuf.json_format import MessageToDict
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from service import running_service  # noqa: E402
 
@@ -21,12 +23,15 @@ def main(model_dir: Path) -> int:
     with running_service(model_dir) as service:
         print(f"REST on {service.url}, gRPC on 127.0.0.1:{service.grpc_port}")
         payload = {"binData": base64.b64encode(sample.read_bytes()).decode()}
-        print(f"$ curl -s -X POST {service.url}/api/v1.0/predictions -H 'Content-Type: application/json' "
-              f"-d '{{\"binData\": \"<base64 of {sample.name}>\"}}'")
+        print(
+            f"$ curl -s -X POST {service.url}/api/v1.0/predictions -H 'Content-Type: application/json' "
+            f'-d \'{{"binData": "<base64 of {sample.name}>"}}\''
+        )
         response = service.post(payload)
         print(json.dumps(response.json(), indent=2))
         grpc = service.client("grpc").microservice(method="predict", bin_data=sample.read_bytes())
-        print("gRPC (SeldonClient):", grpc.response.jsonData if grpc.success else grpc.msg)
+        answer = MessageToDict(grpc.response.jsonData) if grpc.success else grpc.msg
+        print("gRPC (SeldonClient):", json.dumps(answer))
         return 0 if response.status_code == 200 and grpc.success else 1
 
 

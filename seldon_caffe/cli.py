@@ -10,8 +10,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import k8s, scaffold
 from .errors import SeldonCaffeError
@@ -135,7 +136,7 @@ def _parse_request(text: str, where: str) -> dict[str, Any]:
     if isinstance(message, list):  # a bare array is the common case: send it as ndarray
         message = {"data": {"ndarray": message}}
     if not isinstance(message, dict):
-        raise SeldonCaffeError(f"{where}: expected a Seldon message such as {{\"data\": {{\"ndarray\": [...]}}}}")
+        raise SeldonCaffeError(f'{where}: expected a Seldon message such as {{"data": {{"ndarray": [...]}}}}')
     return message
 
 

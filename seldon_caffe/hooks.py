@@ -14,9 +14,10 @@ import io
 import logging
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -33,6 +33,7 @@ def postprocess(outputs, ctx):
     # A dict goes back as jsonData: one list of the three best guesses per image.
     top = np.argsort(-outputs["prob"], axis=1)[:, :3]
     guesses = [
-        [{"digit": int(d), "probability": float(row[d])} for d in best] for row, best in zip(outputs["prob"], top)
+        [{"digit": int(d), "probability": float(row[d])} for d in best]
+        for row, best in zip(outputs["prob"], top, strict=True)
     ]
     return {"predictions": guesses}

@@ -37,9 +37,7 @@ def resolve_runtime(config: ModelConfig) -> str:
         if config.options.get("pycaffe_command"):
             return "pycaffe"
         return "opencv"
-    return {"onnx": "onnxruntime", "tensorflow": "tensorflow", "torch": "torch", "tensorrt": "tensorrt"}[
-        config.format
-    ]
+    return {"onnx": "onnxruntime", "tensorflow": "tensorflow", "torch": "torch", "tensorrt": "tensorrt"}[config.format]
 
 
 def runtime_class(name: str) -> type[Runtime]:

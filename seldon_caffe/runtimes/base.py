@@ -9,8 +9,9 @@ engines only ever see arrays of the right names, dtypes and ranks.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -63,6 +64,7 @@ class Runtime(abc.ABC):
 
     def close(self) -> None:
         """Free the engine. The object is unusable afterwards."""
+        self.native = None
 
     def __enter__(self) -> Runtime:
         return self
@@ -109,13 +111,15 @@ def _conform(spec: TensorSpec, value: Any) -> np.ndarray:
     try:
         array = np.asarray(value)
     except ValueError as exc:  # ragged nested lists
-        raise BadRequest(f"input {spec.name!r} is not a rectangular array ({exc}); expected {spec.describe()}") from None
+        raise BadRequest(
+            f"input {spec.name!r} is not a rectangular array ({exc}); expected {spec.describe()}"
+        ) from None
     want = np.dtype(spec.dtype)
     if array.dtype != want:
         if not _castable(array.dtype, want):
             raise BadRequest(f"input {spec.name!r} has dtype {array.dtype}; expected {spec.describe()}")
         array = array.astype(want)
-    if array.ndim != len(spec.shape) or any(w not in (-1, g) for w, g in zip(spec.shape, array.shape)):
+    if array.ndim != len(spec.shape) or any(w not in (-1, g) for w, g in zip(spec.shape, array.shape, strict=True)):
         raise BadRequest(f"input {spec.name!r} has shape {list(array.shape)}; expected {spec.describe()}")
     return np.ascontiguousarray(array)
 

@@ -9,7 +9,7 @@ top names; `_writers` maps each output blob to its last writer (in-place layers 
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -50,7 +50,7 @@ class OpenCVRuntime(Runtime):
             for name, array in feed.items():
                 self.native.setInput(array, name)
             results = self.native.forward(layers)
-        return {name: np.array(result, copy=True) for name, result in zip(outputs, results)}
+        return {name: np.array(result, copy=True) for name, result in zip(outputs, results, strict=True)}
 
     def get_weights(self, layer: str) -> list[np.ndarray]:
         return self.caffe.get_weights(layer)
@@ -63,9 +63,6 @@ class OpenCVRuntime(Runtime):
         with self._lock:
             self.caffe.set_weights(layer, arrays)
             self.native = self._build()
-
-    def close(self) -> None:
-        self.native = None
 
 
 def _last_writers(net: CaffeNet) -> dict[str, str]:
