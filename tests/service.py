@@ -76,14 +76,14 @@ def running_service(
         )
     service = Service(process, *ports, log_path=log)
     try:
-        _wait_ready(service, timeout)
+        wait_ready(service, timeout)
         yield service
     finally:
         stop(service)
         log.unlink(missing_ok=True)
 
 
-def _wait_ready(service: Service, timeout: float) -> None:
+def wait_ready(service: Service, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if service.process.poll() is not None:

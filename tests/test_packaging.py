@@ -20,7 +20,7 @@ import pytest
 import requests
 import yaml
 from seldon_core.utils import grpc_datadef_to_array
-from service import Service, _wait_ready, free_port, stop
+from service import Service, free_port, stop, wait_ready
 
 from seldon_caffe import cli, scaffold
 from seldon_caffe.caffe import PARAMETRISED_LAYERS, load_caffe_net
@@ -131,7 +131,7 @@ def test_init_then_s2i_assemble_and_run_answers_over_rest(lenet_dir, tmp_path):
         )
     service = Service(process, *ports, log_path=log)
     try:
-        _wait_ready(service, timeout=180)
+        wait_ready(service, timeout=180)
         x = np.random.default_rng(1).random((2, 1, 28, 28), dtype=np.float32)
         response = service.post({"data": {"ndarray": x.tolist()}})
         assert response.status_code == 200, response.text
