@@ -52,8 +52,10 @@ demo: setup
 serve: setup
 	$(VENV)/bin/seldon-caffe serve $(MODEL)
 
+# The generated caffe_pb2 must also work on the 1.17.1 lane's protobuf 3.20: the main run
+# checks it through that venv's interpreter (tests/test_caffe_format.py).
 test: setup setup-117 caffe-env
-	$(PY) -m pytest -q -rs
+	SELDON_CAFFE_PB320_PYTHON=$(VENV117)/bin/python $(PY) -m pytest -q -rs
 	$(MAKE) test-117
 
 test-117: setup-117
@@ -62,6 +64,7 @@ test-117: setup-117
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	@if command -v shellcheck >/dev/null; then shellcheck -x s2i/bin/* scripts/*.sh; else echo "shellcheck not installed: skipped"; fi
 
 bench: setup caffe-env
 	$(PY) benchmarks/runtimes.py
