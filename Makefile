@@ -67,7 +67,7 @@ lint: setup
 	@if command -v shellcheck >/dev/null; then shellcheck -x s2i/bin/* scripts/*.sh; else echo "shellcheck not installed: skipped"; fi
 
 bench: setup caffe-env
-	$(PY) benchmarks/runtimes.py
+	nice $(PY) benchmarks/runtimes.py
 
 proto:
 	bash scripts/gen_caffe_pb2.sh

@@ -106,9 +106,12 @@ def predict_command(args: argparse.Namespace) -> int:
 
 
 def inspect_command(args: argparse.Namespace) -> int:
-    from .model import describe
+    from .model import describe, warnings_for
 
-    info = describe(args.model_dir, args.runtime)
+    warnings = warnings_for(args.model_dir, args.runtime)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    info = {**describe(args.model_dir, args.runtime), "warnings": warnings}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -123,8 +126,6 @@ def inspect_command(args: argparse.Namespace) -> int:
             print(f"{direction[:-1]:<9} {spec['name']}: {spec['dtype']}[{dims}]")
     hooks = ", ".join(info["hooks"]) or "none (defaults)"
     print(f"hooks     {hooks}" + (f" from {info['hooks_file']}" if info["hooks_file"] else ""))
-    for warning in info.get("warnings", []):
-        print(f"warning   {warning}")
     return 0
 
 

@@ -154,8 +154,8 @@ class Hooks:
         except SeldonCaffeError:
             raise  # already says what is wrong (a BadRequest from model.run or the hook itself)
         except Exception as exc:
-            where = f" in {self.path.name}" if name in self.user and self.path else ""
-            raise HookError(f"hook {name}{where} raised {type(exc).__name__}: {exc}") from exc
+            where = f"hook {name} in {self.path.name}" if name in self.user and self.path else f"default {name}"
+            raise HookError(f"{where} raised {type(exc).__name__}: {exc}") from exc
 
 
 def request_context(base: Context, payload: Any, meta: dict[str, Any] | None, names: list[str] | None) -> Context:

@@ -233,8 +233,18 @@ def predict_once(model_dir: str | Path, request: dict[str, Any] | bytes, runtime
         served.model.close()
 
 
-def runtime_for(model_dir: str | Path, runtime: str | None = None) -> str:
-    return resolve_runtime(load_config(model_dir, runtime))
+def warnings_for(model_dir: str | Path, runtime: str | None = None) -> list[str]:
+    """Layers the chosen runtime cannot serve like real Caffe (runtimes/gaps.py), read from
+    the prototxt alone, so `inspect` can warn even when the model would fail to load."""
+    config = load_config(model_dir, runtime)
+    if config.format != "caffe":
+        return []
+    from .caffe import read_prototxt, upgrade_net
+    from .runtimes.gaps import find_gaps
+
+    layers = upgrade_net(read_prototxt(config.files["prototxt"])).layer
+    name = resolve_runtime(config)
+    return [f"{name} runtime, layer {layer} ({kind}): {reason}" for layer, kind, reason in find_gaps(name, layers)]
 
 
 @contextmanager

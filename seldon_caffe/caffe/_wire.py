@@ -130,9 +130,12 @@ def blob_bytes(array: np.ndarray) -> bytes:
     """A serialized BlobProto for `array`: float32 `data` and a `shape`, in protobuf's own order."""
     values = np.asarray(array, dtype="<f4", order="C")  # (ascontiguousarray would make 0-D 1-D)
     dims = b"".join(_varint(int(d)) for d in values.shape)
-    shape = field(_SHAPE_DIM, dims) if dims else b""
     data = field(_BLOB_DATA, values.tobytes()) if values.size else b""
-    return data + field(_BLOB_SHAPE, shape)
+    if not dims:
+        # A 0-d blob (channel-shared PReLU's slope) has no shape field at all, as Caffe's own
+        # Blob::ToProto writes it; OpenCV rejects an empty `shape {}`.
+        return data
+    return data + field(_BLOB_SHAPE, field(_SHAPE_DIM, dims))
 
 
 # -- caffemodels ---------------------------------------------------------------------

@@ -1,0 +1,393 @@
+# ruff: noqa: B905 -- the part "inside the root" runs on Python 3.9, where zip() has no strict=
+"""Real BVLC Caffe as the oracle, for tests and benchmarks.
+
+Real Caffe 1.0 (Debian bullseye's python3-caffe) lives in a root built by
+`scripts/caffe-env.sh` (`make caffe-env`); it cannot be imported by our Python 3.12.
+This module runs Python 3.9 inside that root with `chroot`: it links or copies the files a
+job needs and the input arrays (.npz) into a fresh directory under the root's /tmp, runs this
+very file there as a script (the part under "inside the root"), and reads the results
+back. Many jobs go in one call, because starting Caffe costs seconds and the conformance
+suite needs a hundred answers. Everything inside the root is Caffe's own code: nets are
+built, filled, saved (net.save) and run by pycaffe.
+
+Only the standard library and numpy are imported at the top, so that the file runs in
+the root's Python as well as in ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT_ENV = "SELDON_CAFFE_REFERENCE_ROOT"
+CALIBRATION_BATCH = 2
+_WORKER = Path(__file__).resolve().parent / "runtimes" / "pycaffe_worker.py"
+
+
+def default_root() -> Path:
+    """Where `make caffe-env` builds the root: outside any clone, shared by all of them."""
+    if os.environ.get(ROOT_ENV):
+        return Path(os.environ[ROOT_ENV])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "seldon-caffe" / "caffe-root"
+
+
+def unavailable_reason(root: Path | None = None) -> str | None:
+    """Why real Caffe cannot be used here (None when it can): the text of a test skip."""
+    root = root or default_root()
+    if not (root / "usr" / "bin" / "python3").exists():
+        return f"no real-Caffe root at {root} (run `make caffe-env` as root, or set {ROOT_ENV})"
+    if os.geteuid() != 0:
+        return f"real Caffe at {root} needs chroot, which needs root"
+    return None
+
+
+def find_root() -> Path | None:
+    """The real-Caffe root, or None when it is missing or unusable."""
+    root = default_root()
+    return None if unavailable_reason(root) else root
+
+
+def python_command(root: Path | None = None) -> list[str]:
+    """The interpreter with real pycaffe: what `options.pycaffe_command` should say."""
+    return ["chroot", str(root or default_root()), "python3"]
+
+
+def chroot_env(threads: int = 2) -> dict[str, str]:
+    """A clean environment for the root: none of our venv's variables leak into Python 3.9."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
+    env.update(GLOG_minloglevel="2", GLOG_logtostderr="1")
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[name] = str(threads)
+    return env
+
+
+# -- jobs: built here, run inside the root by run_jobs ---------------------------------
+
+
+def weights_job(prototxt: Path, out: Path, seed: int = 0) -> dict[str, Any]:
+    """Random weights for `prototxt`, saved to `out` by Caffe's own writer.
+
+    The values are scaled so every layer's output keeps unit spread (a comparison of
+    saturated softmaxes or of vanishing activations would prove nothing), and BatchNorm
+    gets positive variances, means near the real ones and a moving-average factor other
+    than 1, which converters must divide out.
+    """
+    return {"op": "weights", "files": {"prototxt": prototxt}, "out": Path(out), "seed": seed}
+
+
+def forward_job(
+    prototxt: Path,
+    weights: Path,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    *,
+    batch: int = 1,
+    seed: int = 0,
+    outputs: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Caffe's forward. Without `inputs`, random ones at `batch` (indices for Embed inputs)."""
+    return {
+        "op": "forward",
+        "files": {"prototxt": prototxt, "weights": weights},
+        "arrays": dict(inputs or {}),
+        "batch": batch,
+        "seed": seed,
+        "outputs": list(outputs) if outputs else None,
+    }
+
+
+def params_job(prototxt: Path, weights: Path) -> dict[str, Any]:
+    """The learned blobs as real Caffe loaded them: {"params": {layer: [arrays]}}."""
+    return {"op": "params", "files": {"prototxt": prototxt, "weights": weights}}
+
+
+def shapes_job(prototxt: Path, batch: int = 1) -> dict[str, Any]:
+    """Every blob's shape as Caffe infers it, plus the inputs, outputs and layer types."""
+    return {"op": "shapes", "files": {"prototxt": prototxt}, "batch": batch}
+
+
+def timing_job(
+    prototxt: Path, weights: Path, batch: int, repeats: int, warmup: int = 1, min_seconds: float = 0.0
+) -> dict[str, Any]:
+    """Seconds per forward, timed inside the root around pycaffe's own net.forward():
+    `repeats` calls, more while they add up to less than `min_seconds` (at most 1000)."""
+    files = {"prototxt": prototxt, "weights": weights}
+    return {"op": "time", "files": files, "batch": batch, "repeats": repeats, "warmup": warmup, "min": min_seconds}
+
+
+def run_jobs(
+    jobs: Sequence[dict[str, Any]], root: Path | None = None, threads: int = 2, timeout: float | None = None
+) -> list[Any]:
+    """Run `jobs` in one real-Caffe process; returns one result per job.
+
+    A weights job's `out` may be a later job's weights file: it is used from inside the
+    root without a copy. Forward results are {"inputs": {...}, "outputs": {...}} of arrays.
+    """
+    root = root or default_root()
+    reason = unavailable_reason(root)
+    if reason:
+        raise RuntimeError(reason)
+    work = Path(tempfile.mkdtemp(prefix="seldon-caffe-ref-", dir=root / "tmp"))
+    inside = "/" + str(work.relative_to(root))
+    try:
+        shutil.copy(__file__, work / "reference.py")
+        shutil.copy(_WORKER, work / "pycaffe_worker.py")
+        specs, arrays, produced = _stage(jobs, work, inside)
+        np.savez(work / "in.npz", **arrays)
+        (work / "jobs.json").write_text(json.dumps(specs))
+        argv = ["chroot", str(root), "python3", f"{inside}/reference.py", inside]
+        done = subprocess.run(argv, env=chroot_env(threads), capture_output=True, timeout=timeout)
+        if done.returncode != 0:
+            tail = done.stderr.decode(errors="replace").strip().splitlines()[-15:]
+            raise RuntimeError(f"real Caffe failed (exit {done.returncode}):\n" + "\n".join(tail))
+        for inner, out in produced:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.unlink(missing_ok=True)
+            _place(work / inner, out)
+        results = json.loads((work / "results.json").read_text())
+        with np.load(work / "out.npz") as npz:
+            out_arrays = {key: npz[key] for key in npz.files}
+        return [_decode(result, out_arrays) for result in results]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _stage(jobs: Sequence[dict[str, Any]], work: Path, inside: str) -> tuple[list, dict, list]:
+    """Copy each job's files into `work` once; number its arrays; note what comes back."""
+    placed: dict[Path, str] = {}
+    arrays: dict[str, np.ndarray] = {}
+    produced: list[tuple[str, Path]] = []
+    specs = []
+    for i, job in enumerate(jobs):
+        spec = {k: v for k, v in job.items() if k not in ("files", "arrays", "out")}
+        spec["source"] = str(job["files"]["prototxt"])
+        for role, path in job.get("files", {}).items():
+            path = Path(path).resolve()
+            if path not in placed:
+                name = f"f{len(placed)}_{path.name}"
+                _place(path, work / name)
+                placed[path] = name
+            spec[role] = f"{inside}/{placed[path]}"
+        spec["inputs"] = {}
+        for name, value in job.get("arrays", {}).items():
+            key = f"a{len(arrays)}"
+            arrays[key] = np.asarray(value)
+            spec["inputs"][name] = key
+        if "out" in job:
+            inner = f"out{i}_{job['out'].name}"
+            placed[job["out"].resolve()] = inner
+            produced.append((inner, job["out"]))
+            spec["out"] = f"{inside}/{inner}"
+        specs.append(spec)
+    return specs, arrays, produced
+
+
+def _place(source: Path, target: Path) -> None:
+    """A hard link where the root shares a filesystem with the file (caffemodels run to
+    hundreds of MB, and a suite moves each a few times), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy(source, target)
+
+
+def _decode(result: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """Results name arrays of out.npz by key, or lists of keys: swap in the arrays."""
+    if not (isinstance(result, dict) and result.pop("kind", None) == "arrays"):
+        return result
+
+    def get(key: str | list[str]) -> Any:
+        return [arrays[k] for k in key] if isinstance(key, list) else arrays[key]
+
+    return {part: {name: get(key) for name, key in named.items()} for part, named in result.items()}
+
+
+def make_weights(prototxt: Path, out_caffemodel: Path, seed: int = 0) -> None:
+    """Random weights for `prototxt`, written by real Caffe's net.save (see weights_job)."""
+    run_jobs([weights_job(prototxt, out_caffemodel, seed)])
+
+
+def forward(
+    prototxt: Path, caffemodel: Path, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Real Caffe's outputs (default: the net's outputs) for `inputs`."""
+    return run_jobs([forward_job(prototxt, caffemodel, inputs, outputs=outputs)])[0]["outputs"]
+
+
+def blob_shapes(prototxt: Path, batch: int = 1) -> dict[str, tuple[int, ...]]:
+    """Every blob's shape in real Caffe at input batch `batch`."""
+    shapes = run_jobs([shapes_job(prototxt, batch)])[0]["blobs"]
+    return {name: tuple(shape) for name, shape in shapes.items()}
+
+
+# -- inside the root (Python 3.9, real pycaffe) ----------------------------------------
+
+
+def _root_main(work: str) -> None:
+    sys.path.insert(0, work)
+    import caffe  # noqa: I001 (only inside the root)
+
+    caffe.set_mode_cpu()
+    ops = {
+        "weights": _root_weights,
+        "forward": _root_forward,
+        "params": _root_params,
+        "shapes": _root_shapes,
+        "time": _root_time,
+    }
+    with open(os.path.join(work, "jobs.json")) as f:
+        jobs = json.load(f)
+    with np.load(os.path.join(work, "in.npz")) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    results, out_arrays = [], {}
+    for i, job in enumerate(jobs):
+        feed = {name: arrays[key] for name, key in job["inputs"].items()}
+        print(f"job {i}: {job['op']} {job['source']}", file=sys.stderr, flush=True)  # names a crash
+        results.append(ops[job["op"]](caffe, job, feed, out_arrays, f"j{i}_"))
+    np.savez(os.path.join(work, "out.npz"), **out_arrays)
+    with open(os.path.join(work, "results.json"), "w") as f:
+        json.dump(results, f)
+
+
+def _root_net(caffe: Any, job: dict[str, Any], batch: int, weights: bool = True) -> Any:
+    from pycaffe_worker import set_batch
+
+    with open(job["prototxt"]) as f:
+        text = set_batch(f.read(), batch)
+    path = job["prototxt"] + f".b{batch}.prototxt"
+    with open(path, "w") as f:
+        f.write(text)
+    return caffe.Net(path, job["weights"], caffe.TEST) if weights else caffe.Net(path, caffe.TEST)
+
+
+def _root_inputs(net: Any, rng: np.random.RandomState) -> dict[str, np.ndarray]:
+    """N(0, 1) for every input, except valid indices for an input that feeds an Embed."""
+    embeds = {}
+    for name, layer in zip(net._layer_names, net.layers):
+        if layer.type == "Embed":
+            embeds[net.bottom_names[name][0]] = net.params[name][0].data.shape[0]
+    feed = {}
+    for name in net.inputs:
+        shape = net.blobs[name].data.shape
+        if name in embeds:
+            feed[name] = rng.randint(0, embeds[name], size=shape).astype(np.float32)
+        else:
+            feed[name] = rng.standard_normal(shape).astype(np.float32)
+    return feed
+
+
+def _set_inputs(net: Any, feed: Mapping[str, np.ndarray]) -> None:
+    for name, value in feed.items():
+        net.blobs[name].data[...] = value
+
+
+def _root_weights(caffe: Any, job: dict, feed: dict, out: dict, prefix: str) -> dict:
+    net = _root_net(caffe, job, CALIBRATION_BATCH, weights=False)
+    rng = np.random.RandomState(job["seed"])
+    _set_inputs(net, _root_inputs(net, rng))
+    seen = set()  # shared parameters (siamese branches) are filled once
+    for i, (name, layer) in enumerate(zip(net._layer_names, net.layers)):
+        blobs = [b for b in layer.blobs if b.data.ctypes.data not in seen]
+        seen.update(b.data.ctypes.data for b in blobs)
+        if layer.type == "BatchNorm" and blobs:
+            _fill_batchnorm(blobs, net.blobs[net.bottom_names[name][0]].data, rng)
+        elif blobs:
+            _fill_random(layer.type, blobs, rng)
+        net._forward(i, i)
+        if blobs and layer.type in ("Convolution", "Deconvolution", "InnerProduct"):
+            spread = float(net.blobs[net.top_names[name][0]].data.std())
+            if spread > 0:  # (Wx + b) / s: the output gets unit spread, exactly
+                for blob in blobs:
+                    blob.data[...] /= spread
+                net._forward(i, i)
+    net.save(job["out"])
+    return {}
+
+
+def _fill_random(kind: str, blobs: list, rng: np.random.RandomState) -> None:
+    for k, blob in enumerate(blobs):
+        shape = blob.data.shape
+        if kind == "Scale" and k == 0:
+            value = rng.uniform(0.5, 1.5, shape)
+        elif kind == "PReLU":
+            value = rng.uniform(0.05, 0.5, shape)
+        elif k == 0 and len(shape) >= 2:
+            value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
+        else:
+            value = rng.normal(0.0, 0.2, shape)
+        blob.data[...] = value
+
+
+def _fill_batchnorm(blobs: list, bottom: np.ndarray, rng: np.random.RandomState) -> None:
+    # Caffe stores mean * f, var * f and f (the moving-average factor), and divides by f.
+    channels = bottom.shape[1]
+    x = np.moveaxis(bottom, 1, 0).reshape(channels, -1)
+    var = x.var(axis=1) * rng.uniform(0.8, 1.25, channels) + 1e-2
+    mean = x.mean(axis=1) + rng.normal(0.0, 0.1, channels) * np.sqrt(var)
+    factor = rng.uniform(0.5, 2.0)
+    blobs[0].data[...] = mean * factor
+    blobs[1].data[...] = var * factor
+    blobs[2].data[...] = factor
+
+
+def _root_forward(caffe: Any, job: dict, feed: dict, out: dict, prefix: str) -> dict:
+    batch = next(iter(feed.values())).shape[0] if feed else job["batch"]
+    net = _root_net(caffe, job, batch)
+    feed = feed or _root_inputs(net, np.random.RandomState(job["seed"]))
+    _set_inputs(net, feed)
+    net.forward()
+    result: dict[str, Any] = {"kind": "arrays", "inputs": {}, "outputs": {}}
+    for part, names in (("inputs", list(feed)), ("outputs", job["outputs"] or net.outputs)):
+        for k, name in enumerate(names):
+            key = f"{prefix}{part}{k}"
+            out[key] = feed[name] if part == "inputs" else net.blobs[name].data.copy()
+            result[part][name] = key
+    return result
+
+
+def _root_params(caffe: Any, job: dict, feed: dict, out: dict, prefix: str) -> dict:
+    net = _root_net(caffe, job, 1)
+    result: dict[str, Any] = {"kind": "arrays", "params": {}}
+    for i, (layer, blobs) in enumerate(net.params.items()):
+        result["params"][layer] = []
+        for k, blob in enumerate(blobs):
+            out[f"{prefix}p{i}_{k}"] = blob.data.copy()
+            result["params"][layer].append(f"{prefix}p{i}_{k}")
+    return result
+
+
+def _root_shapes(caffe: Any, job: dict, feed: dict, out: dict, prefix: str) -> dict:
+    net = _root_net(caffe, job, job["batch"], weights=False)
+    return {
+        "blobs": {name: list(blob.data.shape) for name, blob in net.blobs.items()},
+        "inputs": list(net.inputs),
+        "outputs": list(net.outputs),
+        "layers": [[name, layer.type] for name, layer in zip(net._layer_names, net.layers)],
+    }
+
+
+def _root_time(caffe: Any, job: dict, feed: dict, out: dict, prefix: str) -> dict:
+    net = _root_net(caffe, job, job["batch"])
+    _set_inputs(net, _root_inputs(net, np.random.RandomState(0)))
+    for _ in range(job["warmup"]):
+        net.forward()
+    times: list[float] = []
+    while len(times) < job["repeats"] or (sum(times) < job["min"] and len(times) < 1000):
+        start = time.perf_counter()
+        net.forward()
+        times.append(time.perf_counter() - start)
+    return {"times": times}
+
+
+if __name__ == "__main__":
+    _root_main(sys.argv[1])

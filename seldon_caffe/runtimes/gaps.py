@@ -1,0 +1,64 @@
+"""What each Caffe runtime cannot do, as measured against real Caffe.
+
+`KNOWN_GAPS[runtime][layer type]` says why a layer of that type fails or answers
+differently under that runtime. Every entry is pinned by a strict expected failure in
+tests/test_conformance.py: when a runtime learns the layer, that test fails until the
+entry goes, so the table cannot go stale. `seldon-caffe inspect` reports `find_gaps` for
+the net and runtime it would serve, so users hear about a gap before they deploy.
+
+Some gaps depend on the layer's parameters (OpenCV's LRN ignores `k`, but AlexNet's LRN
+uses k = 1 and is served exactly): `_APPLIES` narrows those, so a net is only flagged
+when its layers actually hit the gap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+KNOWN_GAPS: dict[str, dict[str, str]] = {
+    # OpenCV 4.11's Caffe importer (the `opencv` runtime).
+    "opencv": {
+        "ArgMax": "OpenCV's Caffe importer has no ArgMax layer (the net does not load)",
+        "Bias": "OpenCV's Caffe importer has no Bias layer (the net does not load); Scale with bias_term works",
+        "Clip": "OpenCV's Caffe importer has no Clip layer (the net does not load)",
+        "Embed": "OpenCV's Caffe importer has no Embed layer (the net does not load)",
+        "Reduction": "OpenCV's Caffe importer has no Reduction layer (the net does not load)",
+        "Threshold": "OpenCV's Caffe importer has no Threshold layer (the net does not load)",
+        "Tile": "OpenCV does not read Caffe's tile_param (the net does not load)",
+        "LRN": "OpenCV ignores lrn_param.k and always uses k = 1: outputs differ when k != 1",
+        "Log": "OpenCV ignores log_param base/scale/shift and computes ln(x): outputs differ",
+        "MVN": "OpenCV adds eps to the variance where Caffe adds it to the standard deviation: outputs "
+        "differ by about eps / (2 std) relative (flagged for eps >= 1e-5; the default 1e-9 is exact)",
+        "Swish": "OpenCV ignores swish_param.beta and computes x * sigmoid(x): outputs differ when beta != 1",
+    },
+    # Real Caffe itself: nothing is missing. (Clip and Swish came after the 1.0 release;
+    # Debian's 1.0.0+git20180821 has both, a pycaffe from the 1.0 tag or conda does not,
+    # and then the worker's load fails with Caffe's "Unknown layer type".)
+    "pycaffe": {},
+}
+
+# (runtime, layer type) -> does this layer, with its parameters, hit the gap?
+_APPLIES: dict[tuple[str, str], Callable[[Any], bool]] = {
+    ("opencv", "LRN"): lambda layer: abs(layer.lrn_param.k - 1.0) > 1e-6,
+    ("opencv", "Log"): lambda layer: (
+        (layer.log_param.base, layer.log_param.scale, layer.log_param.shift) != (-1.0, 1.0, 0.0)
+    ),
+    ("opencv", "MVN"): lambda layer: layer.mvn_param.normalize_variance and layer.mvn_param.eps >= 1e-5,
+    ("opencv", "Swish"): lambda layer: abs(layer.swish_param.beta - 1.0) > 1e-6,
+}
+
+
+def find_gaps(runtime: str, layers: Any) -> list[tuple[str, str, str]]:
+    """(layer name, layer type, reason) for each layer `runtime` cannot serve like Caffe.
+
+    `layers` are LayerParameter messages (e.g. `CaffeNet.definition.layer`, upgraded).
+    """
+    gaps = KNOWN_GAPS.get(runtime, {})
+    found = []
+    for layer in layers:
+        reason = gaps.get(layer.type)
+        applies = _APPLIES.get((runtime, layer.type))
+        if reason and (applies is None or applies(layer)):
+            found.append((layer.name, layer.type, reason))
+    return found
