@@ -1,17 +1,13 @@
-# ruff: noqa: B905 -- the part "inside the root" runs on Python 3.9, where zip() has no strict=
 """Real BVLC Caffe as the oracle, for tests and benchmarks.
 
 Real Caffe 1.0 (Debian bullseye's python3-caffe) lives in a root built by
 `scripts/caffe-env.sh` (`make caffe-env`); it cannot be imported by our Python 3.12.
 This module runs Python 3.9 inside that root with `chroot`: it links or copies the files a
-job needs and the input arrays (.npz) into a fresh directory under the root's /tmp, runs this
-very file there as a script (the part under "inside the root"), and reads the results
+job needs and the input arrays (.npz) into a fresh directory under the root's /tmp, runs
+`reference_root.py` (this module's other half) there as a script, and reads the results
 back. Many jobs go in one call, because starting Caffe costs seconds and the conformance
 suite needs a hundred answers. Everything inside the root is Caffe's own code: nets are
 built, filled, saved (net.save) and run by pycaffe.
-
-Only the standard library and numpy are imported at the top, so that the file runs in
-the root's Python as well as in ours.
 """
 
 from __future__ import annotations
@@ -20,17 +16,17 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from seldon_caffe import reference_root
+from seldon_caffe.reference_root import describe_proto as describe_proto  # for the tests
+
 ROOT_ENV = "SELDON_CAFFE_REFERENCE_ROOT"
-CALIBRATION_BATCH = 2
 _WORKER = Path(__file__).resolve().parent / "runtimes" / "pycaffe_worker.py"
 
 
@@ -49,6 +45,8 @@ def unavailable_reason(root: Path | None = None) -> str | None:
         return f"no real-Caffe root at {root} (run `make caffe-env` as root, or set {ROOT_ENV})"
     if os.geteuid() != 0:
         return f"real Caffe at {root} needs chroot, which needs root"
+    if shutil.which("chroot") is None:
+        return "no chroot command to enter the real-Caffe root"
     return None
 
 
@@ -111,8 +109,9 @@ def params_job(prototxt: Path, weights: Path) -> dict[str, Any]:
     return {"op": "params", "files": {"prototxt": prototxt, "weights": weights}}
 
 
-def shapes_job(prototxt: Path, batch: int = 1) -> dict[str, Any]:
-    """Every blob's shape as Caffe infers it, plus the inputs, outputs and layer types."""
+def shapes_job(prototxt: Path, batch: int | None = 1) -> dict[str, Any]:
+    """Every blob's shape as Caffe infers it, plus the inputs, outputs, layer types and the
+    learned blobs' shapes. `batch` None builds the net exactly as the file declares it."""
     return {"op": "shapes", "files": {"prototxt": prototxt}, "batch": batch}
 
 
@@ -123,6 +122,11 @@ def timing_job(
     `repeats` calls, more while they add up to less than `min_seconds` (at most 1000)."""
     files = {"prototxt": prototxt, "weights": weights}
     return {"op": "time", "files": files, "batch": batch, "repeats": repeats, "warmup": warmup, "min": min_seconds}
+
+
+def proto_job() -> dict[str, Any]:
+    """Caffe's own caffe.proto, as `describe_proto` describes it."""
+    return {"op": "proto", "files": {}}
 
 
 def run_jobs(
@@ -140,12 +144,12 @@ def run_jobs(
     work = Path(tempfile.mkdtemp(prefix="seldon-caffe-ref-", dir=root / "tmp"))
     inside = "/" + str(work.relative_to(root))
     try:
-        shutil.copy(__file__, work / "reference.py")
+        shutil.copy(reference_root.__file__, work / "reference_root.py")
         shutil.copy(_WORKER, work / "pycaffe_worker.py")
         specs, arrays, produced = _stage(jobs, work, inside)
         np.savez(work / "in.npz", **arrays)
         (work / "jobs.json").write_text(json.dumps(specs))
-        argv = ["chroot", str(root), "python3", f"{inside}/reference.py", inside]
+        argv = ["chroot", str(root), "python3", f"{inside}/reference_root.py", inside]
         done = subprocess.run(argv, env=chroot_env(threads), capture_output=True, timeout=timeout)
         if done.returncode != 0:
             tail = done.stderr.decode(errors="replace").strip().splitlines()[-15:]
@@ -170,7 +174,7 @@ def _stage(jobs: Sequence[dict[str, Any]], work: Path, inside: str) -> tuple[lis
     specs = []
     for i, job in enumerate(jobs):
         spec = {k: v for k, v in job.items() if k not in ("files", "arrays", "out")}
-        spec["source"] = str(job["files"]["prototxt"])
+        spec["source"] = str(job["files"].get("prototxt", "caffe.proto"))
         for role, path in job.get("files", {}).items():
             path = Path(path).resolve()
             if path not in placed:
@@ -228,166 +232,3 @@ def blob_shapes(prototxt: Path, batch: int = 1) -> dict[str, tuple[int, ...]]:
     """Every blob's shape in real Caffe at input batch `batch`."""
     shapes = run_jobs([shapes_job(prototxt, batch)])[0]["blobs"]
     return {name: tuple(shape) for name, shape in shapes.items()}
-
-
-# -- inside the root (Python 3.9, real pycaffe) ----------------------------------------
-
-
-def _root_main(work: str) -> None:
-    sys.path.insert(0, work)
-    import caffe  # noqa: I001 (only inside the root)
-
-    caffe.set_mode_cpu()
-    ops = {
-        "weights": _root_weights,
-        "forward": _root_forward,
-        "params": _root_params,
-        "shapes": _root_shapes,
-        "time": _root_time,
-    }
-    with open(os.path.join(work, "jobs.json")) as f:
-        jobs = json.load(f)
-    with np.load(os.path.join(work, "in.npz")) as npz:
-        arrays = {key: npz[key] for key in npz.files}
-    results, out_arrays = [], {}
-    for i, job in enumerate(jobs):
-        feed = {name: arrays[key] for name, key in job["inputs"].items()}
-        print(f"job {i}: {job['op']} {job['source']}", file=sys.stderr, flush=True)  # names a crash
-        results.append(ops[job["op"]](caffe, job, feed, out_arrays, f"j{i}_"))
-    np.savez(os.path.join(work, "out.npz"), **out_arrays)
-    with open(os.path.join(work, "results.json"), "w") as f:
-        json.dump(results, f)
-
-
-def _root_net(caffe: Any, job: dict[str, Any], batch: int, weights: bool = True) -> Any:
-    from pycaffe_worker import set_batch
-
-    with open(job["prototxt"]) as f:
-        text = set_batch(f.read(), batch)
-    path = job["prototxt"] + f".b{batch}.prototxt"
-    with open(path, "w") as f:
-        f.write(text)
-    return caffe.Net(path, job["weights"], caffe.TEST) if weights else caffe.Net(path, caffe.TEST)
-
-
-def _root_inputs(net: Any, rng: np.random.RandomState) -> dict[str, np.ndarray]:
-    """N(0, 1) for every input, except valid indices for an input that feeds an Embed."""
-    embeds = {}
-    for name, layer in zip(net._layer_names, net.layers):
-        if layer.type == "Embed":
-            embeds[net.bottom_names[name][0]] = net.params[name][0].data.shape[0]
-    feed = {}
-    for name in net.inputs:
-        shape = net.blobs[name].data.shape
-        if name in embeds:
-            feed[name] = rng.randint(0, embeds[name], size=shape).astype(np.float32)
-        else:
-            feed[name] = rng.standard_normal(shape).astype(np.float32)
-    return feed
-
-
-def _set_inputs(net: Any, feed: Mapping[str, np.ndarray]) -> None:
-    for name, value in feed.items():
-        net.blobs[name].data[...] = value
-
-
-def _root_weights(caffe: Any, job: dict, feed: dict, out: dict, prefix: str) -> dict:
-    net = _root_net(caffe, job, CALIBRATION_BATCH, weights=False)
-    rng = np.random.RandomState(job["seed"])
-    _set_inputs(net, _root_inputs(net, rng))
-    seen = set()  # shared parameters (siamese branches) are filled once
-    for i, (name, layer) in enumerate(zip(net._layer_names, net.layers)):
-        blobs = [b for b in layer.blobs if b.data.ctypes.data not in seen]
-        seen.update(b.data.ctypes.data for b in blobs)
-        if layer.type == "BatchNorm" and blobs:
-            _fill_batchnorm(blobs, net.blobs[net.bottom_names[name][0]].data, rng)
-        elif blobs:
-            _fill_random(layer.type, blobs, rng)
-        net._forward(i, i)
-        if blobs and layer.type in ("Convolution", "Deconvolution", "InnerProduct"):
-            spread = float(net.blobs[net.top_names[name][0]].data.std())
-            if spread > 0:  # (Wx + b) / s: the output gets unit spread, exactly
-                for blob in blobs:
-                    blob.data[...] /= spread
-                net._forward(i, i)
-    net.save(job["out"])
-    return {}
-
-
-def _fill_random(kind: str, blobs: list, rng: np.random.RandomState) -> None:
-    for k, blob in enumerate(blobs):
-        shape = blob.data.shape
-        if kind == "Scale" and k == 0:
-            value = rng.uniform(0.5, 1.5, shape)
-        elif kind == "PReLU":
-            value = rng.uniform(0.05, 0.5, shape)
-        elif k == 0 and len(shape) >= 2:
-            value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
-        else:
-            value = rng.normal(0.0, 0.2, shape)
-        blob.data[...] = value
-
-
-def _fill_batchnorm(blobs: list, bottom: np.ndarray, rng: np.random.RandomState) -> None:
-    # Caffe stores mean * f, var * f and f (the moving-average factor), and divides by f.
-    channels = bottom.shape[1]
-    x = np.moveaxis(bottom, 1, 0).reshape(channels, -1)
-    var = x.var(axis=1) * rng.uniform(0.8, 1.25, channels) + 1e-2
-    mean = x.mean(axis=1) + rng.normal(0.0, 0.1, channels) * np.sqrt(var)
-    factor = rng.uniform(0.5, 2.0)
-    blobs[0].data[...] = mean * factor
-    blobs[1].data[...] = var * factor
-    blobs[2].data[...] = factor
-
-
-def _root_forward(caffe: Any, job: dict, feed: dict, out: dict, prefix: str) -> dict:
-    batch = next(iter(feed.values())).shape[0] if feed else job["batch"]
-    net = _root_net(caffe, job, batch)
-    feed = feed or _root_inputs(net, np.random.RandomState(job["seed"]))
-    _set_inputs(net, feed)
-    net.forward()
-    result: dict[str, Any] = {"kind": "arrays", "inputs": {}, "outputs": {}}
-    for part, names in (("inputs", list(feed)), ("outputs", job["outputs"] or net.outputs)):
-        for k, name in enumerate(names):
-            key = f"{prefix}{part}{k}"
-            out[key] = feed[name] if part == "inputs" else net.blobs[name].data.copy()
-            result[part][name] = key
-    return result
-
-
-def _root_params(caffe: Any, job: dict, feed: dict, out: dict, prefix: str) -> dict:
-    net = _root_net(caffe, job, 1)
-    result: dict[str, Any] = {"kind": "arrays", "params": {}}
-    for i, (layer, blobs) in enumerate(net.params.items()):
-        result["params"][layer] = []
-        for k, blob in enumerate(blobs):
-            out[f"{prefix}p{i}_{k}"] = blob.data.copy()
-            result["params"][layer].append(f"{prefix}p{i}_{k}")
-    return result
-
-
-def _root_shapes(caffe: Any, job: dict, feed: dict, out: dict, prefix: str) -> dict:
-    net = _root_net(caffe, job, job["batch"], weights=False)
-    return {
-        "blobs": {name: list(blob.data.shape) for name, blob in net.blobs.items()},
-        "inputs": list(net.inputs),
-        "outputs": list(net.outputs),
-        "layers": [[name, layer.type] for name, layer in zip(net._layer_names, net.layers)],
-    }
-
-
-def _root_time(caffe: Any, job: dict, feed: dict, out: dict, prefix: str) -> dict:
-    net = _root_net(caffe, job, job["batch"])
-    _set_inputs(net, _root_inputs(net, np.random.RandomState(0)))
-    for _ in range(job["warmup"]):
-        net.forward()
-    times: list[float] = []
-    while len(times) < job["repeats"] or (sum(times) < job["min"] and len(times) < 1000):
-        start = time.perf_counter()
-        net.forward()
-        times.append(time.perf_counter() - start)
-    return {"times": times}
-
-
-if __name__ == "__main__":
-    _root_main(sys.argv[1])

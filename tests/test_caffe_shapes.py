@@ -7,11 +7,10 @@ Split blobs ("*_split_N") are the only blobs it may have that we do not.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from conftest import ZOO
 
+from seldon_caffe import reference
 from seldon_caffe.caffe import (
     SUPPORTED_LAYERS,
     CaffeFormatError,
@@ -22,10 +21,8 @@ from seldon_caffe.caffe import (
     upgrade_net,
 )
 
-_spec = importlib.util.spec_from_file_location("caffe_reference", Path(__file__).parent / "data/caffe/reference.py")
-reference = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
-_spec.loader.exec_module(reference)  # type: ignore[union-attr]
-ZOO, ZOO_NETS = reference.ZOO, reference.ZOO_NETS
+ZOO_NETS = sorted(p.stem for p in ZOO.glob("*.prototxt"))
+BATCHES = [None, 1, 4]  # None: the batch the net declares
 
 
 def _inputs(**shapes: tuple[int, ...]) -> str:
@@ -157,35 +154,26 @@ LAYER_NETS = {
 
 
 @pytest.fixture(scope="module")
-def caffe_answers() -> dict:
-    """Real Caffe's shapes for every zoo net and layer net, from one Caffe process."""
+def caffe_answers(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Real Caffe's shapes for every zoo net (at each batch) and layer net, from one Caffe process."""
     reason = reference.unavailable_reason()
     if reason:
         pytest.skip(reason)
-    ref = reference.CaffeReference()
-    try:
-        jobs = {
-            f"zoo/{name}": {
-                "kind": "shapes",
-                "prototxt": ref.put(f"{name}.prototxt", (ZOO / f"{name}.prototxt").read_text()),
-                "batches": [1, 4],
-            }
-            for name in ZOO_NETS
-        }
-        for name, text in LAYER_NETS.items():
-            jobs[f"layers/{name}"] = {"kind": "shapes", "prototxt": ref.put(f"layers_{name}.prototxt", text)}
-        return ref.run(jobs)
-    finally:
-        ref.close()
+    keys = [(f"zoo/{name}", ZOO / f"{name}.prototxt", batch) for name in ZOO_NETS for batch in BATCHES]
+    layers = tmp_path_factory.mktemp("layer_nets")
+    for name, text in LAYER_NETS.items():
+        (layers / f"{name}.prototxt").write_text(text)
+        keys.append((f"layers/{name}", layers / f"{name}.prototxt", None))
+    answers = reference.run_jobs([reference.shapes_job(path, batch) for _, path, batch in keys], timeout=600)
+    return {(key, batch): answer for (key, _, batch), answer in zip(keys, answers, strict=True)}
 
 
 def _check_against_caffe(net_text: str, answer: dict, batch: int | None) -> None:
-    assert "error" not in answer, answer
     net = upgrade_net(parse_prototxt(net_text))
     declared = infer_shapes(net)
     overrides = None if batch is None else {name: (batch, *declared[name][1:]) for name in answer["inputs"]}
     ours = infer_shapes(net, overrides)
-    theirs = answer["declared" if batch is None else str(batch)]
+    theirs = answer["blobs"]
     assert {name: list(shape) for name, shape in ours.items()} == {
         name: shape for name, shape in theirs.items() if name in ours
     }
@@ -196,14 +184,14 @@ def _check_against_caffe(net_text: str, answer: dict, batch: int | None) -> None
 
 
 @pytest.mark.parametrize("name", ZOO_NETS)
-@pytest.mark.parametrize("batch", [None, 1, 4])
+@pytest.mark.parametrize("batch", BATCHES)
 def test_zoo_shapes_match_real_caffe(caffe_answers: dict, name: str, batch: int | None) -> None:
-    _check_against_caffe((ZOO / f"{name}.prototxt").read_text(), caffe_answers[f"zoo/{name}"], batch)
+    _check_against_caffe((ZOO / f"{name}.prototxt").read_text(), caffe_answers[f"zoo/{name}", batch], batch)
 
 
 @pytest.mark.parametrize("name", sorted(LAYER_NETS))
 def test_layer_shapes_match_real_caffe(caffe_answers: dict, name: str) -> None:
-    _check_against_caffe(LAYER_NETS[name], caffe_answers[f"layers/{name}"], None)
+    _check_against_caffe(LAYER_NETS[name], caffe_answers[f"layers/{name}", None], None)
 
 
 def test_zoo_is_present() -> None:
