@@ -9,7 +9,7 @@ EXTRAS   ?= test,onnx,openvino,tensorflow
 PYTHON312 ?= $(shell for p in python3.12 $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12; do \
 	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
 PY       := $(VENV)/bin/python
-MODEL    ?= examples/lenet
+MODEL    ?= examples/vision
 # The second Seldon lane: 1.17.1 is the last Apache-2.0 release. Its gunicorn 20.1 imports
 # pkg_resources, which setuptools 70 removed; it brings protobuf 3.20.3.
 SELDON117 := "seldon-core==1.17.1" "setuptools<70"

@@ -36,4 +36,4 @@ def main(model_dir: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1] if len(sys.argv) > 1 else "examples/lenet")))
+    sys.exit(main(Path(sys.argv[1] if len(sys.argv) > 1 else "examples/vision")))
