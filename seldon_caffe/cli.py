@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import k8s, scaffold
+from . import convert, k8s, quantize, scaffold
 from .errors import SeldonCaffeError
 
 
@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     scaffold.register(sub)
     k8s.register(sub)
+    convert.register(sub)
+    quantize.register(sub)
     return parser
 
 

@@ -36,6 +36,10 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
     # Debian's 1.0.0+git20180821 has both, a pycaffe from the 1.0 tag or conda does not,
     # and then the worker's load fails with Caffe's "Unknown layer type".)
     "pycaffe": {},
+    # Caffe converted to ONNX (seldon_caffe/caffe/to_onnx.py): every supported layer matches
+    # real Caffe on both engines (tests/test_onnx_runtimes.py).
+    "onnxruntime": {},
+    "openvino": {},
 }
 
 # (runtime, layer type) -> does this layer, with its parameters, hit the gap?

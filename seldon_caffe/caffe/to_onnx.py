@@ -1,0 +1,186 @@
+"""Caffe -> ONNX: a Caffe net (prototxt + caffemodel) as an ONNX model, with no Caffe needed.
+
+The converter reads our own parse of the files (`load_caffe_net`: upgraded definition,
+shapes, weights as numpy) and writes one ONNX node group per Caffe layer, through the
+per-family converters in `onnx_nn.py`, `onnx_math.py` and `onnx_shape.py`. Promises:
+
+* every layer type in `SUPPORTED_LAYERS` converts, or fails with an error naming the layer
+  and its type (never a silent approximation);
+* graph inputs and outputs carry the Caffe blob names, and an in-place blob's final value
+  carries its Caffe name (see `onnx_graph.py`);
+* the batch dimension is symbolic ("N") by default, or fixed with `batch=N`;
+* the model passes `onnx.checker`.
+
+`CONVERTER_VERSION` is part of the conversion cache key (`runtimes/_onnx_source.py`): bump
+it whenever the ONNX this module writes for the same Caffe files changes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..progress import Progress
+from . import caffe_pb2, onnx_math, onnx_nn, onnx_shape  # noqa: F401 (the onnx_* modules register converters)
+from .io import CaffeFormatError, PathLike
+from .net import CaffeNet, load_caffe_net
+from .onnx_graph import CONVERTERS, DEFAULT_OPSET, MIN_OPSET, GraphBuilder, LayerView, UnsupportedLayer, value_info
+from .params import param_shapes
+from .shapes import SUPPORTED_LAYERS, Shape, infer_shapes
+
+CONVERTER_VERSION = "2"
+BATCH_DIM = "N"
+_INPUT_LAYERS = ("Input", "MemoryData")  # their tops become graph inputs
+
+__all__ = [
+    "BATCH_DIM",
+    "CONVERTER_VERSION",
+    "DEFAULT_OPSET",
+    "MIN_OPSET",
+    "UnsupportedLayer",
+    "caffe_to_onnx",
+    "convert_files",
+    "unconvertible_layers",
+]
+
+
+def unconvertible_layers() -> list[str]:
+    """Layer types our Caffe format reads but the converter cannot write (should be none)."""
+    return sorted(SUPPORTED_LAYERS - set(CONVERTERS) - set(_INPUT_LAYERS))
+
+
+def caffe_to_onnx(
+    net: CaffeNet,
+    *,
+    opset: int = DEFAULT_OPSET,
+    batch: int | None = None,
+    progress: bool | None = None,
+    stream: TextIO | None = None,
+) -> onnx.ModelProto:
+    """The ONNX model of `net` (which must hold weights).
+
+    `batch=None` makes the batch dimension symbolic; a net whose layers fix the batch size
+    (e.g. a Reshape that spells it out) then raises CaffeFormatError asking for `batch=N`.
+    `progress` draws a bar on `stream` (stderr): None = only when it is a terminal.
+    """
+    if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise ValueError(f"opset {opset} is not supported; use {MIN_OPSET}..{onnx.defs.onnx_opset_version()}")
+    shapes, dims = _shapes_and_dims(net, batch)
+    layers = list(net.definition.layer)
+    last_writer = {top: i for i, layer in enumerate(layers) for top in layer.top}
+    graph_inputs = [top for layer in layers if layer.type in _INPUT_LAYERS for top in layer.top]
+    g = GraphBuilder(opset, reserved=shapes)
+    current: dict[str, str] = {}  # Caffe blob -> ONNX name of its latest value
+    bar = Progress(len(layers), f"converting {Path(net.source).name}", stream or sys.stderr, progress)
+    for i, layer in enumerate(layers):
+        bar.step(layer.name)
+        if layer.type in _INPUT_LAYERS:
+            current.update((top, top) for top in layer.top)
+            continue
+        outputs = [
+            top if last_writer[top] == i and top not in graph_inputs else g.name(f"{top}@{layer.name}")
+            for top in layer.top
+        ]
+        view = LayerView(
+            param=layer,
+            g=g,
+            inputs=[current[b] for b in layer.bottom],
+            outputs=outputs,
+            bottom_shapes=[shapes[b] for b in layer.bottom],
+            top_shapes=[shapes[t] for t in layer.top],
+            blobs=_weights(net, layer),
+        )
+        converter = CONVERTERS.get(layer.type)
+        if converter is None:
+            raise view.unsupported("no converter for this layer type")
+        converter(view)
+        current.update(zip(layer.top, outputs, strict=True))
+    bar.close()
+    graph = helper.make_graph(
+        g.nodes,
+        net.definition.name or Path(net.source).stem,
+        inputs=[value_info(name, dims[name]) for name in graph_inputs],
+        outputs=[value_info(current[name], dims[name]) for name in net.outputs],
+        initializer=g.initializers,
+    )
+    opsets = [helper.make_opsetid("", opset)]
+    model = helper.make_model(
+        graph, opset_imports=opsets, producer_name="seldon-caffe", producer_version=CONVERTER_VERSION
+    )
+    model.ir_version = helper.find_min_ir_version_for(opsets)  # readable by the oldest runtime that knows the opset
+    helper.set_model_props(model, {"seldon_caffe.source": os.path.basename(net.source)})
+    onnx.checker.check_model(model)
+    return model
+
+
+def convert_files(
+    prototxt: PathLike,
+    weights: PathLike,
+    output: PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    batch: int | None = None,
+    progress: bool | None = None,
+) -> onnx.ModelProto:
+    """Convert a prototxt + caffemodel pair and write the ONNX file (atomically)."""
+    model = caffe_to_onnx(load_caffe_net(prototxt, weights), opset=opset, batch=batch, progress=progress)
+    output = Path(output)
+    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
+    try:
+        onnx.save_model(model, partial)
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
+    return model
+
+
+def _weights(net: CaffeNet, layer: caffe_pb2.LayerParameter) -> list[np.ndarray]:
+    """The layer's learned blobs ([] for a layer that learns nothing)."""
+    if not param_shapes(layer, [net.shapes[b] for b in layer.bottom]):
+        return []
+    try:
+        return net.get_weights(layer.name)
+    except ValueError as exc:  # no caffemodel was loaded
+        raise CaffeFormatError(f"{net.source}: {exc}") from None
+
+
+def _shapes_and_dims(net: CaffeNet, batch: int | None) -> tuple[dict[str, Shape], dict[str, list[int | str | None]]]:
+    """Blob shapes to convert with, and the declared dims of every blob for the graph signature.
+
+    With a symbolic batch, shapes are inferred at two batch sizes: a dim equal to the batch
+    both times is the batch ("N"), one that changes otherwise is unknown (None), and one that
+    stays is fixed. A net that cannot take a second batch size is reported, not guessed at.
+    """
+    inputs = _input_shapes(net)
+    if batch is not None:
+        if batch < 1:
+            raise ValueError(f"batch must be positive, got {batch}")
+        shapes = infer_shapes(net.definition, {n: (batch, *s[1:]) for n, s in inputs.items()})
+        return shapes, {name: list(shape) for name, shape in shapes.items()}
+    try:
+        one, two = (infer_shapes(net.definition, {n: (b, *s[1:]) for n, s in inputs.items()}) for b in (1, 2))
+    except CaffeFormatError as exc:
+        raise CaffeFormatError(
+            f"{net.source}: the net only runs at its declared batch size ({exc}); "
+            "convert with a fixed batch (--batch N)"
+        ) from None
+    dims = {name: [_dim(a, b) for a, b in zip(one[name], two[name], strict=True)] for name in one}
+    return net.shapes, dims
+
+
+def _dim(at_one: int, at_two: int) -> int | str | None:
+    if at_one == at_two:
+        return at_one
+    return BATCH_DIM if (at_one, at_two) == (1, 2) else None
+
+
+def _input_shapes(net: CaffeNet) -> Mapping[str, Shape]:
+    """The tops whose batch size a caller may choose (MemoryData's is fixed by its batch_size)."""
+    return {top: net.shapes[top] for layer in net.definition.layer if layer.type == "Input" for top in layer.top}

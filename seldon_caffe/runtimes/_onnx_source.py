@@ -1,0 +1,137 @@
+"""The ONNX file the onnxruntime and openvino runtimes load, whatever the model directory holds.
+
+* `format: onnx` -> the user's file, as is.
+* `format: caffe` -> converted on load (seldon_caffe.caffe.to_onnx) and cached as
+  `MODEL_DIR/.cache/onnx/<key>.onnx`, where the key hashes the prototxt and caffemodel bytes
+  and the converter version: editing either file, or upgrading the converter, converts
+  again; restarting a server does not. A read-only model directory (a mounted volume, a
+  Seldon storage initializer's output) falls back to the user's cache directory. The
+  user's own files are never written.
+* `precision: int8` -> the quantized model `seldon-caffe quantize` wrote, found beside the
+  model file under the name `int8_model_path` gives (see there), never made implicitly:
+  calibration needs data only the user has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..config import ModelConfig
+from ..errors import ConfigError, ModelLoadError
+from .base import TensorSpec
+
+logger = logging.getLogger(__name__)
+
+CACHE_SUBDIR = Path(".cache") / "onnx"
+INT8_SUFFIX = ".int8.onnx"
+
+
+def onnx_model_path(config: ModelConfig, runtime: str) -> Path:
+    """The ONNX file `runtime` should load for `config` (converting a Caffe model if needed)."""
+    if config.options["precision"] == "int8":
+        return int8_model_path(config, must_exist=True)
+    if config.format == "onnx":
+        return config.files["onnx"]
+    if config.format == "caffe":
+        return converted_caffe_model(config)
+    raise ModelLoadError(
+        f"{config.source}: the {runtime} runtime serves format onnx or caffe, not {config.format}; "
+        f"convert the model to ONNX first and use format: onnx"
+    )
+
+
+def int8_model_path(config: ModelConfig, must_exist: bool = False) -> Path:
+    """Where the INT8 model is expected: options.int8_model (relative to the model directory),
+    else the model file's name with `.int8.onnx` (model.onnx -> model.int8.onnx; for Caffe,
+    weights.caffemodel -> weights.int8.onnx), which is what the error message tells users
+    to produce with `seldon-caffe quantize`."""
+    explicit = config.options.get("int8_model")
+    if explicit is not None:
+        if not isinstance(explicit, str):
+            raise ConfigError(f"{config.source}: field 'options.int8_model': expected a file name, got {explicit!r}")
+        path = (config.model_dir / explicit).resolve()
+    else:
+        source = config.files.get("onnx") or config.files.get("weights")
+        if source is None:
+            raise ModelLoadError(f"{config.source}: precision int8 needs format onnx or caffe")
+        path = source.with_name(source.name.rsplit(".", 1)[0] + INT8_SUFFIX)
+    if must_exist and not path.is_file():
+        if config.format == "caffe":
+            files = f"{config.files['prototxt'].name} {config.files['weights'].name}"
+            make = (
+                f"seldon-caffe convert caffe {files} -o model.onnx"
+                f" && seldon-caffe quantize model.onnx --calibration DIR -o {path.name}"
+            )
+        else:
+            make = f"seldon-caffe quantize {config.files['onnx'].name} --calibration DIR -o {path.name}"
+        raise ModelLoadError(
+            f"{config.source}: precision int8 needs the quantized model {path}, which does not exist; "
+            f"make it in the model directory with: {make} (DIR: .npy/.npz inputs like the ones you serve)"
+        )
+    return path
+
+
+def converted_caffe_model(config: ModelConfig) -> Path:
+    """The cached ONNX conversion of the config's Caffe files, converting on a miss."""
+    from ..caffe.to_onnx import CONVERTER_VERSION
+
+    digest = hashlib.sha256(f"seldon-caffe onnx converter {CONVERTER_VERSION}\n".encode())
+    for role in ("prototxt", "weights"):
+        digest.update(f"{role}\n".encode())
+        with open(config.files[role], "rb") as handle:
+            for chunk in iter(lambda h=handle: h.read(1 << 20), b""):
+                digest.update(chunk)
+    name = f"{digest.hexdigest()}.onnx"
+    directories = [config.model_dir / CACHE_SUBDIR, user_cache_dir()]
+    for directory in directories:
+        if (directory / name).is_file():
+            return directory / name
+    for directory in directories:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            return _convert(config, directory / name)
+        except OSError as exc:  # read-only, not ours, full: try the next place
+            logger.warning("cannot cache the ONNX conversion in %s (%s)", directory, exc.strerror or exc)
+    raise ModelLoadError(
+        f"{config.source}: cannot write the ONNX conversion to any of {', '.join(map(str, directories))}"
+    )
+
+
+def user_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/seldon-caffe/onnx (default ~/.cache/seldon-caffe/onnx)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "seldon-caffe" / "onnx"
+
+
+def _convert(config: ModelConfig, target: Path) -> Path:
+    from ..caffe.io import CaffeFormatError
+    from ..caffe.to_onnx import convert_files
+
+    prototxt, weights = config.files["prototxt"], config.files["weights"]
+    logger.info("converting %s + %s to ONNX at %s", prototxt.name, weights.name, target)
+    try:
+        convert_files(prototxt, weights, target, progress=False)
+    except CaffeFormatError as exc:
+        if "--batch" not in str(exc):
+            raise
+        # A net that fixes its batch size converts at that size: serve it as Caffe would.
+        logger.warning("%s; converting at the declared batch size", exc)
+        convert_files(prototxt, weights, target, progress=False, batch=_declared_batch(config))
+    return target
+
+
+def _declared_batch(config: ModelConfig) -> int:
+    from ..caffe import load_caffe_net
+
+    shapes = load_caffe_net(config.files["prototxt"]).input_shapes
+    return next((shape[0] for shape in shapes.values() if shape), 1)
+
+
+def tensor_spec(name: str, dtype: str, dims: Sequence[object]) -> TensorSpec:
+    """A TensorSpec from an engine's description: any dim that is not a number is -1."""
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in dims)
+    return TensorSpec(name=name, dtype=dtype, shape=shape)

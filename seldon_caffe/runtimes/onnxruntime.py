@@ -1,0 +1,138 @@
+"""The `onnxruntime` runtime: ONNX Runtime serving an ONNX model, or a Caffe model converted on load.
+
+model.yaml options it reads:
+
+* `providers`: execution providers in order of preference, short (`tensorrt`, `cuda`,
+  `openvino`, `cpu`) or full (`CUDAExecutionProvider`) names. Default: TensorRT, CUDA,
+  OpenVINO, CPU, whichever this onnxruntime build has, leaving out the GPU ones when
+  `device` is `cpu` (the default): a CPU deployment never lands on a GPU by accident.
+  `device: cuda:N` picks the GPU. A provider asked for by name that the build lacks is
+  an error listing the ones it has.
+* `threads`: ONNX Runtime's intra-op pool (one inter-op thread: one request is one graph run).
+* `precision`: fp32; fp16 is the TensorRT provider's `trt_fp16_enable` (the CPU has no
+  fp16 kernels, so without TensorRT it is an error, never a silent fp32); int8 loads the
+  quantized model (see `_onnx_source.int8_model_path`); bf16 is the openvino runtime's.
+* `graph_optimization`: all (default) | extended | basic | disable.
+
+An InferenceSession is safe to run from several threads at once, so `run` takes no lock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from ..config import ModelConfig
+from ..errors import ConfigError, ModelLoadError
+from ._onnx_source import onnx_model_path, tensor_spec, user_cache_dir
+from .base import Arrays, Runtime
+
+PROVIDERS = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+DEFAULT_ORDER = ("tensorrt", "cuda", "openvino", "cpu")
+GPU_PROVIDERS = {PROVIDERS["tensorrt"], PROVIDERS["cuda"]}
+OPTIMIZATION = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+# onnxruntime tensor type strings -> numpy dtype names
+_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
+
+
+class OnnxRuntime(Runtime):
+    name = "onnxruntime"
+
+    def __init__(self, config: ModelConfig):
+        self.path = onnx_model_path(config, self.name)
+        providers = choose_providers(config)
+        try:
+            self.native = ort.InferenceSession(str(self.path), session_options(config), providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph...)
+            raise ModelLoadError(f"onnxruntime cannot load {self.path}: {exc}") from None
+        self.providers = self.native.get_providers()
+        self.inputs = [tensor_spec(i.name, _dtype(i.type), i.shape) for i in self.native.get_inputs()]
+        self.outputs = [tensor_spec(o.name, _dtype(o.type), o.shape) for o in self.native.get_outputs()]
+
+    def _run(self, feed: Arrays, outputs: list[str]) -> Arrays:
+        results = self.native.run(outputs, feed)
+        return dict(zip(outputs, results, strict=True))
+
+    def close(self) -> None:
+        self.native = None
+
+
+def session_options(config: ModelConfig) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(config.options["threads"])
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    level = config.options.get("graph_optimization", "all")
+    if level not in OPTIMIZATION:
+        raise ConfigError(
+            f"{config.source}: field 'options.graph_optimization': {level!r}; allowed: {', '.join(OPTIMIZATION)}"
+        )
+    options.graph_optimization_level = OPTIMIZATION[level]
+    return options
+
+
+def choose_providers(config: ModelConfig) -> list[tuple[str, dict[str, Any]]]:
+    """(provider, its options) in the order to try, per the module docstring."""
+    available = ort.get_available_providers()
+    device = str(config.options["device"])
+    device_id = int(device.partition(":")[2] or 0)
+    asked = config.options.get("providers")
+    if asked is None:
+        names = [PROVIDERS[p] for p in DEFAULT_ORDER if PROVIDERS[p] in available]
+        if device == "cpu":
+            names = [n for n in names if n not in GPU_PROVIDERS]
+    else:
+        if isinstance(asked, str) or not isinstance(asked, list) or not asked:
+            raise ConfigError(f"{config.source}: field 'options.providers': expected a list, e.g. [cuda, cpu]")
+        names = [PROVIDERS.get(str(p).lower(), str(p)) for p in asked]
+        missing = [n for n in names if n not in available]
+        if missing:
+            raise ConfigError(
+                f"{config.source}: field 'options.providers': {missing[0]} is not in this onnxruntime build; "
+                f"it has {', '.join(available)}"
+            )
+    precision = config.options["precision"]
+    if precision == "fp16" and PROVIDERS["tensorrt"] not in names:
+        raise ConfigError(
+            f"{config.source}: field 'options.precision': fp16 runs on onnxruntime's TensorRT provider, "
+            f"which is not in use here (providers: {', '.join(names)}); use fp32, or the openvino runtime"
+        )
+    if precision == "bf16":
+        raise ConfigError(f"{config.source}: field 'options.precision': bf16 is served by the openvino runtime")
+    return [(name, _provider_options(name, config, device_id)) for name in names]
+
+
+def _provider_options(name: str, config: ModelConfig, device_id: int) -> dict[str, Any]:
+    if name == PROVIDERS["tensorrt"]:
+        # Building a TensorRT engine takes minutes: keep it beside the ONNX conversions.
+        cache = user_cache_dir().parent / "tensorrt"
+        return {
+            "device_id": device_id,
+            "trt_fp16_enable": config.options["precision"] == "fp16",
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache),
+        }
+    if name == PROVIDERS["cuda"]:
+        return {"device_id": device_id}
+    if name == PROVIDERS["openvino"]:  # f32 unless asked: OpenVINO's CPU default may be bf16
+        return {"device_type": "CPU", "precision": "FP32"}
+    return {}
+
+
+def _dtype(onnx_type: str) -> str:
+    if onnx_type in _DTYPES:
+        return _DTYPES[onnx_type]
+    inner = onnx_type.removeprefix("tensor(").removesuffix(")")
+    return np.dtype(inner).name if inner else onnx_type

@@ -1,0 +1,275 @@
+"""The onnxruntime and openvino runtimes against real BVLC Caffe, and through the real service.
+
+Conformance reuses tests/test_conformance.py's machinery unchanged: the same nets (every zoo
+net, every layer net), the same weights and inputs made by real Caffe, the same measure
+(relative error = max|a - b| / max|b| <= 1e-4), the same gap table. Here the Caffe files
+are converted to ONNX on load (the runtimes' own path, cache included) at batch 1 and 4,
+so the symbolic batch dimension is exercised too. tests/onnx_layer_nets/ adds nets for the
+parameters that trip converters beyond those (InnerProduct axis / transpose, Scale and Bias
+operands, ArgMax top_k, the pooling mask, batch-statistics BatchNorm, constants, in-place
+inputs...), run through real Caffe the same way.
+
+INT8 is checked on a zoo net with random calibration; the issue wants it checked on the
+vision example too: `quantize.quantize_model` / `quantize.accuracy_report` take any
+iterable of preprocessed inputs, which is the hook that example's test will use.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import ZOO
+from service import running_service
+from test_conformance import BATCHES, NETS, REL_TOL, ReferenceData, relative_error
+
+from seldon_caffe import quantize, reference
+from seldon_caffe.caffe import read_prototxt, upgrade_net
+from seldon_caffe.config import load_config, parse_config
+from seldon_caffe.errors import ConfigError, ModelLoadError
+from seldon_caffe.runtimes import Runtime, load_runtime
+from seldon_caffe.runtimes.gaps import find_gaps
+
+RUNTIMES = ("onnxruntime", "openvino")
+EXTRA_NETS = {p.stem: p for p in sorted((Path(__file__).parent / "onnx_layer_nets").glob("*.prototxt"))}
+ALL_NETS = {**NETS, **EXTRA_NETS}
+SERVED_NET = "lenet"
+INT8_NET = "squeezenet_v1_1"
+
+needs_caffe = pytest.mark.skipif(reference.unavailable_reason() is not None, reason=f"{reference.unavailable_reason()}")
+
+
+def _cases() -> Iterator[Any]:
+    for name, path in ALL_NETS.items():
+        layers = upgrade_net(read_prototxt(path)).layer
+        for runtime in RUNTIMES:
+            gaps = find_gaps(runtime, layers)
+            why = "; ".join(f"{kind} ({layer}): {reason}" for layer, kind, reason in gaps)
+            marks = [pytest.mark.xfail(strict=True, reason=why)] if gaps else []
+            for batch in BATCHES:
+                yield pytest.param(name, runtime, batch, marks=marks, id=f"{name}-{runtime}-b{batch}")
+
+
+class ExtraReference:
+    """Real Caffe's weights and outputs for tests/onnx_layer_nets, made like ReferenceData's."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self._nets: dict[str, dict[str, Any]] = {}
+
+    def weights(self, name: str) -> Path:
+        return self.workdir / f"{name}.caffemodel"
+
+    def net(self, name: str) -> dict[str, Any]:
+        if not self._nets:
+            jobs: list[dict[str, Any]] = []
+            for n, prototxt in EXTRA_NETS.items():
+                jobs.append(reference.weights_job(prototxt, self.weights(n), seed=zlib.crc32(n.encode())))
+                jobs += [reference.forward_job(prototxt, self.weights(n), batch=b, seed=b) for b in BATCHES]
+            results = iter(reference.run_jobs(jobs, timeout=1800))
+            for n in EXTRA_NETS:
+                next(results)
+                self._nets[n] = {"forward": {b: next(results) for b in BATCHES}}
+        return self._nets[name]
+
+
+@pytest.fixture(scope="session")
+def onnx_reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """name -> real Caffe's weights and outputs; each kind of net made in one real-Caffe run."""
+    wanted = [SERVED_NET, INT8_NET]
+    for item in request.session.items:
+        callspec = getattr(item, "callspec", None)
+        if item.module.__name__ == __name__ and callspec and callspec.params.get("name") in NETS:
+            wanted.append(callspec.params["name"])
+    shared = ReferenceData(tmp_path_factory.mktemp("real-caffe-onnx"), list(dict.fromkeys(wanted)))
+    extra = ExtraReference(tmp_path_factory.mktemp("real-caffe-onnx-extra"))
+    return lambda name: extra if name in EXTRA_NETS else shared
+
+
+@pytest.fixture(scope="session")
+def onnx_runtimes(onnx_reference: Any) -> Iterator[Any]:
+    """load(name, runtime): the net converted on load; one net per runtime alive at a time."""
+    loaded: dict[str, tuple[str, Runtime]] = {}
+
+    def load(name: str, runtime: str) -> Runtime:
+        if runtime in loaded and loaded[runtime][0] == name:
+            return loaded[runtime][1]
+        if runtime in loaded:
+            loaded.pop(runtime)[1].close()
+        data = onnx_reference(name)
+        data.net(name)  # real Caffe writes the weights first
+        raw = {"files": {"prototxt": str(ALL_NETS[name]), "weights": str(data.weights(name))}, "runtime": runtime}
+        model = load_runtime(parse_config(raw, data.weights(name).parent))
+        loaded[runtime] = (name, model)
+        return model
+
+    yield load
+    for _, model in loaded.values():
+        model.close()
+
+
+@needs_caffe
+@pytest.mark.parametrize(("name", "runtime", "batch"), list(_cases()))
+def test_converted_net_matches_real_caffe(
+    name: str, runtime: str, batch: int, onnx_reference: Any, onnx_runtimes: Any
+) -> None:
+    expected = onnx_reference(name).net(name)["forward"][batch]
+    model = onnx_runtimes(name, runtime)
+    assert [s.name for s in model.inputs] == list(expected["inputs"])
+    assert sorted(s.name for s in model.outputs) == sorted(expected["outputs"])
+    got = model.run(expected["inputs"])
+    for output, want in expected["outputs"].items():
+        assert np.isfinite(want).all(), f"real Caffe's {output} is not finite: the net's inputs are wrong"
+        assert got[output].shape == want.shape, f"{output}: shape {got[output].shape}, real Caffe {want.shape}"
+        error = relative_error(got[output], want)
+        assert error <= REL_TOL, f"{output}: relative error {error:.2e} > {REL_TOL:.0e}"
+
+
+def _model_dir(target: Path, name: str, weights: Path, runtime: str, **options: Any) -> Path:
+    target.mkdir()
+    shutil.copy(NETS[name], target / "deploy.prototxt")
+    shutil.copy(weights, target / "weights.caffemodel")
+    config = {
+        "name": name,
+        "format": "caffe",
+        "files": {"prototxt": "deploy.prototxt", "weights": "weights.caffemodel"},
+        "runtime": runtime,
+        "options": {"threads": 1, **options},
+    }
+    (target / "model.yaml").write_text(json.dumps(config))  # JSON is YAML
+    return target
+
+
+@needs_caffe
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_service_answers_like_real_caffe(runtime: str, onnx_reference: Any, tmp_path: Path) -> None:
+    """A zoo net converted on load, served by the real microservice over REST and gRPC."""
+    data_of = onnx_reference(SERVED_NET)
+    reference_run = data_of.net(SERVED_NET)["forward"][4]
+    (data,) = reference_run["inputs"].values()
+    (want,) = reference_run["outputs"].values()
+    model_dir = _model_dir(tmp_path / SERVED_NET, SERVED_NET, data_of.weights(SERVED_NET), runtime)
+    with running_service(model_dir) as service:
+        response = service.post({"data": {"ndarray": data.tolist()}})
+        assert response.status_code == 200, response.text
+        rest = np.asarray(response.json()["data"]["ndarray"])
+        grpc = service.client("grpc").microservice(data=data, method="predict")
+        assert grpc.success, grpc.msg
+        answer = np.asarray(grpc.response.data.tensor.values).reshape(grpc.response.data.tensor.shape)
+        assert (model_dir / ".cache" / "onnx").is_dir(), "the conversion is cached next to the model"
+    for got in (rest, answer):
+        assert got.shape == want.shape
+        assert relative_error(got, want) <= REL_TOL
+
+
+@needs_caffe
+def test_int8_quantized_zoo_net(onnx_reference: Any, tmp_path: Path) -> None:
+    """Quantize a converted zoo net with calibration data, serve it at precision int8 on both runtimes."""
+    from seldon_caffe.caffe.to_onnx import convert_files
+
+    name = INT8_NET
+    expected = onnx_reference(name).net(name)["forward"][1]  # real Caffe makes the weights too
+    fp32 = tmp_path / "model.onnx"
+    convert_files(NETS[name], onnx_reference(name).weights(name), fp32)
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        np.save(calibration / f"{i}.npy", rng.standard_normal((1, 3, 227, 227)).astype(np.float32))
+    int8 = tmp_path / "model.int8.onnx"
+    report = quantize.quantize_model(fp32, int8, quantize.load_samples(calibration, quantize.model_inputs(fp32)))
+    assert int8.is_file() and report["prob"]["relative_error"] < 0.1, report
+
+    for runtime in RUNTIMES:
+        raw = {"format": "onnx", "files": {"onnx": "model.onnx"}, "runtime": runtime, "options": {"precision": "int8"}}
+        with load_runtime(parse_config(raw, tmp_path)) as model:
+            got = model.run(expected["inputs"])["prob"]
+            assert relative_error(got, expected["outputs"]["prob"]) < 0.1, runtime
+
+
+# -- runtime behaviour that needs no Caffe ----------------------------------------------
+
+
+def _lenet_dir(tmp_path: Path, runtime: str, **options: Any) -> Path:
+    from test_onnx_convert import random_net, write_caffe_files
+
+    prototxt, weights = write_caffe_files(random_net(ZOO / "lenet.prototxt"), tmp_path / "lenet")
+    return _model_dir(tmp_path / f"lenet-{runtime}", "lenet", weights, runtime, **options)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_conversion_is_cached_and_never_touches_user_files(runtime: str, tmp_path: Path) -> None:
+    model_dir = _lenet_dir(tmp_path, runtime)
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+    with load_runtime(load_config(model_dir)) as first:
+        cached = first.path
+    assert cached.parent == model_dir / ".cache" / "onnx"
+    stamp = cached.stat().st_mtime_ns
+    with load_runtime(load_config(model_dir)) as again:
+        assert again.path == cached and cached.stat().st_mtime_ns == stamp  # a hit: not converted again
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()} == before
+    weights = model_dir / "weights.caffemodel"
+    weights.write_bytes(weights.read_bytes() + b"")  # same bytes: same key
+    with load_runtime(load_config(model_dir)) as same:
+        assert same.path == cached
+
+
+def test_unwritable_model_dir_falls_back_to_the_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir = _lenet_dir(tmp_path, "onnxruntime")
+    (model_dir / ".cache").write_text("not a directory")  # the cache cannot be made here
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    with load_runtime(load_config(model_dir)) as model:
+        assert model.path.parent == tmp_path / "user-cache" / "seldon-caffe" / "onnx"
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_concurrent_runs_give_sequential_answers(runtime: str, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    inputs = [np.random.default_rng(i).standard_normal((i % 3 + 1, 1, 28, 28)).astype(np.float32) for i in range(24)]
+    with load_runtime(load_config(_lenet_dir(tmp_path, runtime))) as model:
+        sequential = [model.run(x)["prob"] for x in inputs]
+        with ThreadPoolExecutor(8) as pool:
+            concurrent = list(pool.map(lambda x: model.run(x)["prob"], inputs))
+    for a, b in zip(sequential, concurrent, strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_onnxruntime_providers_and_precision(tmp_path: Path) -> None:
+    from seldon_caffe.runtimes.onnxruntime import choose_providers
+
+    model_dir = _lenet_dir(tmp_path, "onnxruntime")
+    config = load_config(model_dir)
+    assert [name for name, _ in choose_providers(config)][-1] == "CPUExecutionProvider"
+    config.options["providers"] = ["cpu"]
+    with load_runtime(config) as model:
+        assert model.providers == ["CPUExecutionProvider"]
+    config.options["providers"] = ["made-up"]
+    with pytest.raises(ConfigError, match="options.providers.*made-up.*CPUExecutionProvider"):
+        load_runtime(config)
+    config.options.update(providers=["cpu"], precision="fp16")
+    with pytest.raises(ConfigError, match="fp16 runs on onnxruntime's TensorRT provider"):
+        load_runtime(config)
+
+
+def test_openvino_precision_is_always_explicit(tmp_path: Path) -> None:
+    config = load_config(_lenet_dir(tmp_path, "openvino"))
+    with load_runtime(config) as model:
+        assert model.properties["INFERENCE_PRECISION_HINT"] == "f32" and model.inference_precision == "f32"
+    config.options["precision"] = "bf16"
+    with load_runtime(config) as model:  # runs in bf16 only where the CPU has bf16 units
+        assert model.properties["INFERENCE_PRECISION_HINT"] == "bf16"
+        assert model.inference_precision in ("bf16", "f32")
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_int8_without_a_quantized_model_says_how_to_make_one(runtime: str, tmp_path: Path) -> None:
+    config = load_config(_lenet_dir(tmp_path, runtime, precision="int8"))
+    with pytest.raises(ModelLoadError, match=r"weights\.int8\.onnx.*seldon-caffe quantize model\.onnx"):
+        load_runtime(config)
