@@ -59,7 +59,7 @@ test: setup setup-117 caffe-env
 	$(MAKE) test-117
 
 test-117: setup-117
-	$(VENV117)/bin/python -m pytest -q -rs $(E2E_117)
+	SELDON_CAFFE_PB320_PYTHON=$(VENV117)/bin/python $(VENV117)/bin/python -m pytest -q -rs $(E2E_117)
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -68,6 +68,9 @@ lint: setup
 
 bench: setup caffe-env
 	nice $(PY) benchmarks/runtimes.py
+	nice $(PY) benchmarks/onnx_precisions.py
+	nice $(PY) benchmarks/tensorflow.py
+	nice $(PY) benchmarks/payloads.py
 
 proto:
 	bash scripts/gen_caffe_pb2.sh

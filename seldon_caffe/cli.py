@@ -55,13 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve_command(args: argparse.Namespace) -> int:
     """Check that the model loads, then become Seldon's microservice serving it."""
-    from .model import SeldonCaffeModel
+    from .model import METADATA_ENV, SeldonCaffeModel
 
     model_dir = args.model_dir.resolve()
     # Load once here: a broken model then stops start-up with our one-line message,
-    # instead of a gunicorn worker dying with a traceback in a loop.
+    # instead of a gunicorn worker dying with a traceback in a loop. Its signature is
+    # handed to Seldon's parent process, which must not open the model itself.
     preflight = SeldonCaffeModel(str(model_dir), args.runtime)
     preflight.load()
+    os.environ[METADATA_ENV] = json.dumps(preflight.init_metadata())
     preflight.model.close()
 
     parameters = [{"name": "model_dir", "value": str(model_dir), "type": "STRING"}]

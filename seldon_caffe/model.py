@@ -28,6 +28,7 @@ from .runtimes import Runtime, load_runtime, resolve_runtime
 logger = logging.getLogger(__name__)
 
 MODEL_DIR_ENV = "SELDON_CAFFE_MODEL_DIR"
+METADATA_ENV = "SELDON_CAFFE_METADATA"  # init_metadata's answer, from `seldon-caffe serve`
 DEFAULT_MODEL_DIR = "/mnt/models"  # where Seldon's storage initializer puts modelUri
 STAGES = ("preprocess", "run_model", "postprocess")
 
@@ -131,21 +132,33 @@ class SeldonCaffeModel:
     def init_metadata(self) -> dict[str, Any]:
         """The signature, in Seldon's V2 tensor metadata form (shown on /api/v1.0/metadata).
 
-        Seldon asks once, in the parent process, before any worker has called load(); so an
-        unloaded model opens the runtime just to read the signature, and closes it again
-        (hooks' setup() is not run for this). A model that cannot load reports nothing
-        here and fails in load() with its real message.
+        Seldon asks once, in the parent process, before it forks the REST and gRPC workers
+        that call load(). Engines are not fork-safe (TensorFlow's thread pools hang in a
+        forked child, CUDA refuses), so the parent must not open the model: `seldon-caffe
+        serve` hands over the metadata of its own check-load in $SELDON_CAFFE_METADATA, and
+        otherwise (s2i's run) a spawned process reads it. A model that cannot load reports
+        nothing here and fails in load() with its real message.
         """
-        model = self.model
-        try:
-            if model is None:
-                config = load_config(self.model_dir, self.runtime_override)
-                with load_runtime(config) as probe:
-                    return _metadata(config, probe)
-            return _metadata(self.context.config, model)
-        except SeldonCaffeError as error:
-            logger.error("no metadata: %s", error)
-            return {}
+        if self.model is not None:
+            return _metadata(self.context.config, self.model)
+        handed_over = os.environ.get(METADATA_ENV)
+        if handed_over:
+            return json.loads(handed_over)
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(probe_metadata, (str(self.model_dir), self.runtime_override))
+
+
+def probe_metadata(model_dir: str, runtime: str | None = None) -> dict[str, Any]:
+    """Open the model just to read its signature (hooks' setup() is not run)."""
+    try:
+        config = load_config(model_dir, runtime)
+        with load_runtime(config) as probe:
+            return _metadata(config, probe)
+    except SeldonCaffeError as error:
+        logger.error("no metadata: %s", error)
+        return {}
 
 
 def _decode_error_blueprint(served: SeldonCaffeModel) -> Any:

@@ -1,0 +1,387 @@
+"""The `tensorflow` runtime: a SavedModel's signature, served by stock TensorFlow tuned for CPU.
+
+dl_inference served TensorFlow on CPU through Intel's MKL build of TF Serving. Stock
+TensorFlow (2.9 and later) carries the same oneDNN kernels, so this runtime is TensorFlow
+itself, tuned the same way: oneDNN on, thread pools sized to the pod, and the Intel OpenMP
+environment variables set before TensorFlow loads. docs/tensorflow.md says what each knob
+does and what to pick; docs/benchmarks.md has the measurements behind it.
+
+Import-time settings are the crux. TensorFlow reads `TF_ENABLE_ONEDNN_OPTS` once, while
+`import tensorflow` runs (it decides which kernels get registered), and an OpenMP runtime
+reads `OMP_*` / `KMP_*` once, when it is loaded. Setting them afterwards silently does
+nothing. So this module never imports TensorFlow at the top: `TensorFlowRuntime.__init__`
+validates the options, writes the environment, and only then imports TensorFlow; if
+TensorFlow is already in the process with another oneDNN setting it stops with an error
+rather than serve with a setting the model.yaml did not ask for.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..config import DEFAULT_OPTIONS, ModelConfig
+from ..errors import BadRequest, ConfigError, ModelLoadError
+from .base import Arrays, Runtime, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+# The options this runtime reads from model.yaml, besides the shared threads/device/precision.
+# The options mapping is shared by every runtime, so keys not listed here are left alone.
+OPTION_KEYS = (
+    "signature",
+    "tags",
+    "intra_op",
+    "inter_op",
+    "onednn",
+    "omp_num_threads",
+    "kmp_blocktime",
+    "kmp_affinity",
+    "kmp_settings",
+)
+ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
+DEFAULT_SIGNATURE = "serving_default"
+# Each request is one graph run; a single inter-op thread keeps oneDNN's intra-op pool fed
+# without two ops fighting for the same cores (docs/benchmarks.md, "TensorFlow on CPU").
+DEFAULT_INTER_OP = 1
+
+# The process in which this module started TensorFlow's runtime (its thread pools). A process
+# forked after that inherits TensorFlow's state but none of its threads, and its first run
+# waits forever for them; seen with Seldon's gunicorn and gRPC workers when a model was
+# loaded in their parent. Module state survives fork, so a child can tell.
+_started_in: int | None = None
+
+
+@dataclass(frozen=True)
+class TensorFlowOptions:
+    """The tensorflow runtime's view of model.yaml `options`, validated and with defaults."""
+
+    signature: str = DEFAULT_SIGNATURE
+    tags: tuple[str, ...] | None = None
+    intra_op: int = 2
+    inter_op: int = DEFAULT_INTER_OP
+    onednn: bool | str = True  # or "auto": TensorFlow's own choice for the CPU
+    omp_num_threads: int | None = None
+    kmp_blocktime: int | None = None
+    kmp_affinity: str | None = None
+    kmp_settings: bool | None = None
+    device: str = "cpu"
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> TensorFlowOptions:
+        """Validate the tensorflow keys of `config.options`; ConfigError names the bad field."""
+        options = config.options
+
+        def problem(key: str, message: str) -> ConfigError:
+            return ConfigError(f"{config.source}: field 'options.{key}': {message}")
+
+        def count(key: str, default: int | None, minimum: int) -> int | None:
+            value = options.get(key)
+            if value is None:
+                return default
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise problem(key, f"{value!r} is not an integer >= {minimum}")
+            return value
+
+        def flag(key: str, default: bool | None) -> bool | None:
+            value = options.get(key)
+            if value is None:
+                return default
+            if not isinstance(value, bool):
+                raise problem(key, f"{value!r} is not true or false")
+            return value
+
+        signature = options.get("signature") or DEFAULT_SIGNATURE
+        if not isinstance(signature, str):
+            raise problem("signature", f"{signature!r} is not a signature name (e.g. {DEFAULT_SIGNATURE})")
+        tags = options.get("tags")
+        if isinstance(tags, str):
+            tags = [tags]
+        if tags is not None and not (isinstance(tags, list) and tags and all(isinstance(t, str) for t in tags)):
+            raise problem("tags", f"{tags!r} is not a list of SavedModel tags (e.g. [serve])")
+        affinity = options.get("kmp_affinity")
+        if affinity is not None and not (isinstance(affinity, str) and affinity):
+            raise problem(
+                "kmp_affinity", f"{affinity!r} is not a KMP_AFFINITY string (e.g. granularity=fine,compact,1,0)"
+            )
+        if config.options.get("precision", "fp32") != "fp32":
+            raise problem(
+                "precision",
+                f"{config.options['precision']!r}: the tensorflow runtime runs the SavedModel's own dtypes; "
+                "allowed: fp32 (export a reduced-precision model, or serve its ONNX form with openvino)",
+            )
+        _warn_near_misses(options)
+        return cls(
+            signature=signature,
+            tags=tuple(tags) if tags else None,
+            intra_op=count("intra_op", options.get("threads", DEFAULT_OPTIONS["threads"]), 0),
+            inter_op=count("inter_op", DEFAULT_INTER_OP, 0),
+            onednn=_onednn(options.get("onednn"), problem),
+            omp_num_threads=count("omp_num_threads", None, 1),
+            kmp_blocktime=count("kmp_blocktime", None, 0),
+            kmp_affinity=affinity,
+            kmp_settings=flag("kmp_settings", None),
+            device=config.options.get("device", "cpu"),
+        )
+
+    def environment(self) -> dict[str, str]:
+        """The variables that must be in os.environ before TensorFlow (and OpenMP) load."""
+        env = {} if self.onednn == "auto" else {ONEDNN_ENV: "1" if self.onednn else "0"}
+        if self.omp_num_threads is not None:
+            env["OMP_NUM_THREADS"] = str(self.omp_num_threads)
+        if self.kmp_blocktime is not None:
+            env["KMP_BLOCKTIME"] = str(self.kmp_blocktime)
+        if self.kmp_affinity is not None:
+            env["KMP_AFFINITY"] = self.kmp_affinity
+        if self.kmp_settings is not None:
+            env["KMP_SETTINGS"] = "1" if self.kmp_settings else "0"
+        return env
+
+
+def _onednn(value: Any, problem: Callable[[str, str], ConfigError]) -> bool | str:
+    # auto leaves TF_ENABLE_ONEDNN_OPTS alone: TensorFlow then turns oneDNN on only on CPUs
+    # with AVX-512 VNNI/BF16 or AMX, which is where it measured faster (docs/tensorflow.md).
+    if value is None:
+        return True
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise problem("onednn", f"{value!r} is not true, false or auto")
+
+
+def _onednn_state(asked: bool | str) -> str:
+    state = {True: "on", False: "off"}.get(onednn_enabled(), "unknown")
+    return f"{state} (auto)" if asked == "auto" else state
+
+
+def _warn_near_misses(options: Mapping[str, Any]) -> None:
+    # Other runtimes' keys share the mapping, so an unknown key is not an error; one that
+    # looks like a misspelt tensorflow key (intra_ops, kmp_block_time) is worth a warning.
+    known = set(OPTION_KEYS) | set(DEFAULT_OPTIONS)
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, OPTION_KEYS, n=1, cutoff=0.8)
+            if close:
+                logger.warning("model.yaml options.%s is not a tensorflow option; did you mean %s?", key, close[0])
+
+
+def import_tensorflow(options: TensorFlowOptions) -> Any:
+    """Write the import-time environment, import TensorFlow, and check the setting took.
+
+    TensorFlow decides once, inside `import tensorflow`, whether its oneDNN kernels are on;
+    the environment variable is never read again. If some earlier code (another model, a
+    converter, a library) already imported TensorFlow with the other setting, serving would
+    quietly use it, so that is a ModelLoadError saying what to change.
+    """
+    already = "tensorflow" in sys.modules
+    env = options.environment()
+    if already:
+        late = sorted(key for key in env if key != ONEDNN_ENV and os.environ.get(key) != env[key])
+        if late:
+            logger.warning("TensorFlow was imported before the tensorflow runtime: %s may not apply", ", ".join(late))
+    os.environ.update(env)
+    import tensorflow as tf
+
+    enabled = onednn_enabled()
+    if enabled is not None and options.onednn != "auto" and enabled != options.onednn:
+        want, have = ("on", "off") if options.onednn else ("off", "on")
+        raise ModelLoadError(
+            f"options.onednn asks for oneDNN {want}, but TensorFlow was already imported in this process with "
+            f"oneDNN {have}: {ONEDNN_ENV} is read only when TensorFlow is first imported. Load this model "
+            f"before anything else imports tensorflow (another model, a converter, a library), or set "
+            f"options.onednn: {str(enabled).lower()} (or auto)"
+        )
+    return tf
+
+
+def onednn_enabled() -> bool | None:
+    """Whether this process's TensorFlow registered its oneDNN kernels (None: cannot tell).
+
+    TensorFlow has no public call for it; the private one it uses in its own tests is the
+    only way to see what `import tensorflow` actually decided.
+    """
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        return None
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def _configure_threads(tf: Any, options: TensorFlowOptions) -> None:
+    """Size TensorFlow's process-wide thread pools; they freeze when its runtime starts."""
+    threading = tf.config.threading
+    current = (threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads())
+    if current == (options.intra_op, options.inter_op):
+        return
+    try:
+        threading.set_intra_op_parallelism_threads(options.intra_op)
+        threading.set_inter_op_parallelism_threads(options.inter_op)
+    except RuntimeError:
+        raise ModelLoadError(
+            f"options intra_op={options.intra_op}, inter_op={options.inter_op}: TensorFlow's thread pools are "
+            f"already running in this process with intra_op={current[0]}, inter_op={current[1]} (0 = one per "
+            "core). They are per process: serve one TensorFlow model per process, or give every model the same "
+            "settings"
+        ) from None
+
+
+class TensorFlowRuntime(Runtime):
+    """One signature of a SavedModel. `native` is the loaded SavedModel object."""
+
+    name = "tensorflow"
+
+    def __init__(self, config: ModelConfig):
+        global _started_in
+        self.options = TensorFlowOptions.from_config(config)
+        if _started_in is not None and _started_in != os.getpid():
+            raise ModelLoadError(
+                f"TensorFlow was started in process {_started_in}, and this process ({os.getpid()}) was forked "
+                "from it: TensorFlow's thread pools do not survive fork(), so every request would hang. Load "
+                "TensorFlow models only after the fork (with Seldon: in load(), not in the parent process)"
+            )
+        tf = import_tensorflow(self.options)
+        self._tf = tf
+        self._device = _device_name(tf, self.options.device)
+        _configure_threads(tf, self.options)
+        path = config.files["saved_model"]
+        try:
+            self.native = tf.saved_model.load(str(path), tags=list(self.options.tags) if self.options.tags else None)
+        except Exception as exc:  # TF raises OSError, ValueError, RuntimeError... for a bad directory
+            raise ModelLoadError(f"{path}: not a loadable SavedModel: {_first_line(exc)}") from None
+        finally:
+            _started_in = _started_in or os.getpid()  # loading (even failing) starts the runtime
+        signatures = dict(self.native.signatures)
+        if self.options.signature not in signatures:
+            have = ", ".join(signatures) or "none (export the model with a serving signature)"
+            raise ConfigError(
+                f"{config.source}: field 'options.signature': {path} has no signature "
+                f"{self.options.signature!r}; it has {have}"
+            )
+        self.function = signatures[self.options.signature]
+        _, kwargs = self.function.structured_input_signature
+        self.inputs = [_spec(name, spec, config.inputs, True) for name, spec in sorted(kwargs.items())]
+        outputs = self.function.structured_outputs.items()
+        self.outputs = [_spec(name, spec, config.outputs, False) for name, spec in outputs]
+        self._string_inputs = {s.name for s in self.inputs if s.dtype == "object"}
+        # The signature lists its variables in the order the graph uses them; a Keras export
+        # also keeps the model's own order (kernel, bias; gamma, beta, mean, variance), which
+        # is what Keras' get_weights returns, so that order wins where it exists.
+        order = {v.name: i for i, v in enumerate(getattr(self.native, "variables", None) or ())}
+        self._variables = sorted(self.function.variables, key=lambda v: order.get(v.name, len(order)))
+        logger.info(
+            "tensorflow %s: signature %s, oneDNN %s, intra_op=%d, inter_op=%d, device %s; %s",
+            tf.__version__,
+            self.options.signature,
+            _onednn_state(self.options.onednn),
+            self.options.intra_op,
+            self.options.inter_op,
+            self._device,
+            self.signature(),
+        )
+
+    def check_inputs(self, inputs: np.ndarray | Mapping[str, Any]) -> Arrays:
+        # JSON strings arrive as numpy unicode arrays; a tf.string input wants them as objects.
+        if self._string_inputs:
+            if not isinstance(inputs, Mapping) and len(self.inputs) == 1:
+                inputs = {self.inputs[0].name: inputs}
+            if isinstance(inputs, Mapping):
+                inputs = {k: _as_strings(v) if k in self._string_inputs else v for k, v in inputs.items()}
+        return super().check_inputs(inputs)
+
+    def _run(self, feed: Arrays, outputs: list[str]) -> Arrays:
+        # A signature function may be called from many threads at once: TensorFlow runs
+        # each call as its own graph execution, and the GIL is released while it does.
+        tf = self._tf
+        try:
+            with tf.device(self._device):
+                result = self.function(**{name: tf.constant(value) for name, value in feed.items()})
+        except tf.errors.InvalidArgumentError as exc:  # e.g. a reshape the input cannot take
+            raise BadRequest(f"the model rejected the input: {_first_line(exc)}; expected {self.signature()}") from None
+        return {name: result[name].numpy() for name in outputs}
+
+    # -- weights: the SavedModel's variables, grouped by Keras layer name ------------------
+
+    def get_weights(self, layer: str) -> list[np.ndarray]:
+        """The arrays of `layer`: a Keras layer's kernel and bias, in the order Keras lists them."""
+        return [variable.numpy() for variable in self._layer_variables(layer)]
+
+    def set_weights(self, layer: str, arrays: Sequence[np.ndarray]) -> None:
+        """Assign new values to `layer`'s variables; later runs use them.
+
+        A run already in flight on another thread may see some of the new arrays and not
+        others: a hook that needs one set of weights per request must serialise itself.
+        """
+        variables = self._layer_variables(layer)
+        expected = ", ".join(f"{list(v.shape)} {v.dtype.name}" for v in variables)
+        if len(arrays) != len(variables):
+            raise BadRequest(f"layer {layer!r} has {len(variables)} arrays ({expected}); got {len(arrays)}")
+        values = []
+        for variable, array in zip(variables, arrays, strict=True):
+            value = np.asarray(array)
+            if tuple(value.shape) != tuple(variable.shape):
+                raise BadRequest(f"layer {layer!r}: got an array of shape {list(value.shape)}; expected {expected}")
+            values.append(value.astype(variable.dtype.as_numpy_dtype))
+        for variable, value in zip(variables, values, strict=True):
+            variable.assign(value)
+
+    def _layer_variables(self, layer: str) -> list[Any]:
+        variables = [v for v in self._variables if _layer_of(v.name) == layer]
+        if not variables:
+            layers = sorted({_layer_of(v.name) for v in self._variables})
+            shown = ", ".join(layers[:20]) + (" ..." if len(layers) > 20 else "")
+            raise BadRequest(f"no layer {layer!r} with weights in this SavedModel; layers: {shown or 'none'}")
+        return variables
+
+    def close(self) -> None:
+        self.function = None
+        self.native = None
+        self._variables = []
+
+
+def _layer_of(variable_name: str) -> str:
+    # "dense_1/kernel:0" -> "dense_1"; "model/block1/conv/kernel:0" -> "model/block1/conv"
+    return variable_name.rsplit(":", 1)[0].rpartition("/")[0]
+
+
+def _spec(name: str, tf_spec: Any, overrides: list[dict[str, Any]] | None, is_input: bool) -> TensorSpec:
+    dtype = np.dtype(tf_spec.dtype.as_numpy_dtype).name
+    if tf_spec.shape.rank is not None:
+        return TensorSpec(name, dtype, tuple(-1 if d is None else int(d) for d in tf_spec.shape.as_list()))
+    # An unknown rank cannot be checked; model.yaml's inputs/outputs can give the shape.
+    given = next((o.get("shape") for o in overrides or () if o.get("name") == name), None)
+    if given is not None:
+        return TensorSpec(name, dtype, tuple(given))
+    hint = f"give its shape in model.yaml ({'inputs' if is_input else 'outputs'}: [{{name: {name}, shape: [-1, ...]}}])"
+    if is_input:  # requests could not be checked against it
+        raise ModelLoadError(f"signature input {name!r} has no known rank; {hint}")
+    logger.warning("signature output %r has no known rank; its metadata says shape []: %s", name, hint)
+    return TensorSpec(name, dtype, ())
+
+
+def _device_name(tf: Any, device: str) -> str:
+    if device == "cpu":
+        return "/CPU:0"
+    index = int(device.partition(":")[2] or 0)
+    gpus = tf.config.list_physical_devices("GPU")
+    if index >= len(gpus):
+        raise ModelLoadError(
+            f"options.device {device!r}: this TensorFlow sees {len(gpus)} GPU(s) "
+            "(tensorflow-cpu has none; install tensorflow[and-cuda] for GPUs)"
+        )
+    return f"/GPU:{index}"
+
+
+def _as_strings(value: Any) -> Any:
+    array = np.asarray(value)
+    return array.astype(object) if array.dtype.kind in "US" else array
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:500]
