@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import runtimes as bench  # benchmarks/runtimes.py (this directory is on sys.path when run as a script)
+from _report import cpu_model, write_section
 
 from seldon_caffe import quantize, reference
 from seldon_caffe.caffe.to_onnx import convert_files
@@ -107,7 +108,7 @@ def report(nets: list[str], samples: bench.Samples, errors: dict, command: str, 
     lines = [
         "## ONNX runtimes by precision",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {bench._cpu_model()} ({cpu}), in one run of `{command}` "
+        f"Measured {time.strftime('%Y-%m-%d')} on {cpu_model()} ({cpu}), in one run of `{command}` "
         f"({took / 60:.0f} min); method as in the table above. Cells: images/s (ratio to real Caffe). "
         "Error rows: relative error against real Caffe at batch 8 / top-1 agreement with it.",
         "",
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     section = report(list(nets), samples, errors, command, time.perf_counter() - began, _cpu_features())
     print(section)
-    bench.write_section(section, args.out, MARKERS)
+    write_section(section, args.out, MARKERS)
     print(f"wrote {args.out}")
 
 

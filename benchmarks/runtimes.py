@@ -33,7 +33,6 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -43,6 +42,8 @@ import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from _report import cpu_model, write_section  # noqa: E402
+
 from seldon_caffe import reference  # noqa: E402
 from seldon_caffe.config import parse_config  # noqa: E402
 from seldon_caffe.errors import SeldonCaffeError  # noqa: E402
@@ -163,7 +164,7 @@ def report(nets: list[str], runtimes: list[str], samples: Samples, overhead: lis
     lines = [
         "## Caffe runtimes",
         "",
-        f"Measured {datetime.date.today().isoformat()} on {_cpu_model()}, {os.cpu_count()} cores, in one run of "
+        f"Measured {datetime.date.today().isoformat()} on {cpu_model()}, {os.cpu_count()} cores, in one run of "
         f"`{command}` ({took / 60:.0f} min). {THREADS} threads for every engine (OMP/OpenBLAS/MKL_NUM_THREADS="
         f"{THREADS}, options.threads={THREADS}). Images/s = batch / median time per call (engines interleaved "
         "net by net and batch by batch); in brackets the ratio to real Caffe (higher is faster). Real Caffe: "
@@ -196,26 +197,6 @@ def report(nets: list[str], runtimes: list[str], samples: Samples, overhead: lis
     return "\n".join(lines)
 
 
-def write_section(section: str, path: Path, markers: tuple[str, str] = (START, END)) -> None:
-    """Put the section between its markers (default: ours), leaving the rest of the file alone."""
-    start, end = markers
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{section}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown CPU"
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "unknown CPU")
-
-
 def _opencv_version() -> str:
     import cv2
 
@@ -246,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "nice python " + " ".join(shlex.quote(a) for a in ["benchmarks/runtimes.py", *(argv or sys.argv[1:])])
     section = report(list(nets), runtimes, samples, overhead, command, time.perf_counter() - began)
     print(section)
-    write_section(section, args.out)
+    write_section(section, args.out, (START, END))
     print(f"wrote {args.out}")
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _report import cpu_model, write_section
 
 # This script is named like the package it measures; run as a script, its folder is first on
 # sys.path and `import tensorflow` would find this file. Take the folder off the path.
@@ -218,7 +219,7 @@ def report(
     rounds: int,
     load: tuple[float, float],
 ) -> str:
-    cpu = _cpu_model()
+    cpu = cpu_model()
     lines = [
         "## TensorFlow on CPU (oneDNN)",
         "",
@@ -299,25 +300,6 @@ def _findings(results: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[str]
     return out
 
 
-def write_section(section: str, path: Path) -> None:
-    """Put the section between our markers, leaving the rest of the file (others' sections) alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section}\n{END}"
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "unknown CPU")
-
-
 def _versions() -> str:
     from importlib.metadata import version
 
@@ -380,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     section = report(results, command, time.perf_counter() - began, args.rounds, load)
     print(section)
     if not args.only:
-        write_section(section, args.out)
+        write_section(section, args.out, (START, END))
         print(f"wrote {args.out}")
 
 

@@ -22,7 +22,7 @@ module skips (saying how to get it) when the root from `make caffe-env` is absen
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +52,11 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.max(np.abs(actual.astype(np.float64) - expected))) / scale if expected.size else 0.0
 
 
-def _cases() -> Iterator[Any]:
-    for name, path in NETS.items():
+def runtime_cases(nets: dict[str, Path], runtimes: Sequence[str]) -> Iterator[Any]:
+    """(net, runtime, batch) for every combination; a known gap (gaps.py) is a strict xfail."""
+    for name, path in nets.items():
         layers = upgrade_net(read_prototxt(path)).layer
-        for runtime in RUNTIMES:
+        for runtime in runtimes:
             gaps = find_gaps(runtime, layers)
             why = "; ".join(f"{kind} ({layer}): {reason}" for layer, kind, reason in gaps)
             marks = [pytest.mark.xfail(strict=True, reason=why)] if gaps else []
@@ -168,7 +169,7 @@ def runtimes(real_caffe: ReferenceData) -> Iterator[Any]:
         model.close()
 
 
-@pytest.mark.parametrize(("name", "runtime", "batch"), list(_cases()))
+@pytest.mark.parametrize(("name", "runtime", "batch"), list(runtime_cases(NETS, RUNTIMES)))
 def test_runtime_matches_real_caffe(name: str, runtime: str, batch: int, real_caffe: ReferenceData, runtimes) -> None:
     expected = real_caffe.net(name)["forward"][batch]
     model = runtimes(name, runtime)

@@ -27,14 +27,12 @@ import numpy as np
 import pytest
 from conftest import ZOO
 from service import running_service
-from test_conformance import BATCHES, NETS, REL_TOL, ReferenceData, relative_error
+from test_conformance import BATCHES, NETS, REL_TOL, ReferenceData, relative_error, runtime_cases
 
 from seldon_caffe import quantize, reference
-from seldon_caffe.caffe import read_prototxt, upgrade_net
 from seldon_caffe.config import load_config, parse_config
 from seldon_caffe.errors import ConfigError, ModelLoadError
 from seldon_caffe.runtimes import Runtime, load_runtime
-from seldon_caffe.runtimes.gaps import find_gaps
 
 RUNTIMES = ("onnxruntime", "openvino")
 EXTRA_NETS = {p.stem: p for p in sorted((Path(__file__).parent / "onnx_layer_nets").glob("*.prototxt"))}
@@ -43,17 +41,6 @@ SERVED_NET = "lenet"
 INT8_NET = "squeezenet_v1_1"
 
 needs_caffe = pytest.mark.skipif(reference.unavailable_reason() is not None, reason=f"{reference.unavailable_reason()}")
-
-
-def _cases() -> Iterator[Any]:
-    for name, path in ALL_NETS.items():
-        layers = upgrade_net(read_prototxt(path)).layer
-        for runtime in RUNTIMES:
-            gaps = find_gaps(runtime, layers)
-            why = "; ".join(f"{kind} ({layer}): {reason}" for layer, kind, reason in gaps)
-            marks = [pytest.mark.xfail(strict=True, reason=why)] if gaps else []
-            for batch in BATCHES:
-                yield pytest.param(name, runtime, batch, marks=marks, id=f"{name}-{runtime}-b{batch}")
 
 
 class ExtraReference:
@@ -115,7 +102,7 @@ def onnx_runtimes(onnx_reference: Any) -> Iterator[Any]:
 
 
 @needs_caffe
-@pytest.mark.parametrize(("name", "runtime", "batch"), list(_cases()))
+@pytest.mark.parametrize(("name", "runtime", "batch"), list(runtime_cases(ALL_NETS, RUNTIMES)))
 def test_converted_net_matches_real_caffe(
     name: str, runtime: str, batch: int, onnx_reference: Any, onnx_runtimes: Any
 ) -> None:
