@@ -14,7 +14,13 @@ EXAMPLES = REPO / "examples"
 # ../shared/caffe-zoo beside the clone (DESIGN.md); overridable for other layouts.
 ZOO = Path(os.environ.get("SELDON_CAFFE_ZOO", REPO.parent / "shared" / "caffe-zoo"))
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests import service.py and each other's helpers
+sys.path.insert(0, str(Path(__file__).parent))
+
+# seldon_core.utils imports TensorFlow (when installed) as soon as any test imports it, and
+# TensorFlow fixes its oneDNN switch at that first import. Import it the way the tensorflow
+# runtime's default asks (oneDNN on), as `seldon-caffe serve` does for a served model, so the
+# in-process runtime tests do not depend on which test module pytest collects first.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # tests import service.py and each other's helpers
 
 
 def copy_model(source: Path, target: Path, *, hooks: str | None = None, yaml: str | None = None) -> Path:
