@@ -177,7 +177,11 @@ def test_runtime_matches_real_caffe(name: str, runtime: str, batch: int, real_ca
     for spec in model.inputs:
         assert spec.shape[1:] == expected["inputs"][spec.name].shape[1:], f"input {spec.name} shape"
     assert sorted(s.name for s in model.outputs) == sorted(expected["outputs"])
+    assert_matches_real_caffe(model, expected)
 
+
+def assert_matches_real_caffe(model: Any, expected: dict[str, Any]) -> None:
+    """Run `model` on real Caffe's inputs; every output within REL_TOL of real Caffe's."""
     got = model.run(expected["inputs"])
     for output, want in expected["outputs"].items():
         assert np.isfinite(want).all(), f"real Caffe's {output} is not finite: the net's inputs are wrong"

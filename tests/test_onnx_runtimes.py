@@ -27,7 +27,15 @@ import numpy as np
 import pytest
 from conftest import ZOO
 from service import running_service
-from test_conformance import BATCHES, NETS, REL_TOL, ReferenceData, relative_error, runtime_cases
+from test_conformance import (
+    BATCHES,
+    NETS,
+    REL_TOL,
+    ReferenceData,
+    assert_matches_real_caffe,
+    relative_error,
+    runtime_cases,
+)
 
 from seldon_caffe import quantize, reference
 from seldon_caffe.config import load_config, parse_config
@@ -110,12 +118,7 @@ def test_converted_net_matches_real_caffe(
     model = onnx_runtimes(name, runtime)
     assert [s.name for s in model.inputs] == list(expected["inputs"])
     assert sorted(s.name for s in model.outputs) == sorted(expected["outputs"])
-    got = model.run(expected["inputs"])
-    for output, want in expected["outputs"].items():
-        assert np.isfinite(want).all(), f"real Caffe's {output} is not finite: the net's inputs are wrong"
-        assert got[output].shape == want.shape, f"{output}: shape {got[output].shape}, real Caffe {want.shape}"
-        error = relative_error(got[output], want)
-        assert error <= REL_TOL, f"{output}: relative error {error:.2e} > {REL_TOL:.0e}"
+    assert_matches_real_caffe(model, expected)
 
 
 def _model_dir(target: Path, name: str, weights: Path, runtime: str, **options: Any) -> Path:
