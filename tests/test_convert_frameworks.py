@@ -1,0 +1,206 @@
+"""`convert tensorflow` and `convert torch`: SavedModels and PyTorch files with a config.txt become
+ONNX models that serve through the onnxruntime runtime, in the real microservice, and answer
+like the framework they came from (1e-4 relative, the Caffe conformance measure).
+
+TensorFlow runs only in subprocesses here (the command itself, and a fresh interpreter that
+builds the Keras model): the tensorflow runtime's tests need this process free of it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from service import running_service
+
+TOLERANCE = 1e-4
+HAVE_TF = all(importlib.util.find_spec(m) for m in ("tensorflow", "tf2onnx"))
+needs_tf = pytest.mark.skipif(not HAVE_TF, reason="needs tensorflow and tf2onnx (pip install seldon-caffe[tensorflow])")
+
+
+def seldon_caffe(*args: object, check: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "seldon_caffe.cli", *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-12))
+
+
+def onnx_model_dir(onnx: Path, where: Path) -> Path:
+    where.mkdir()
+    (where / "model.onnx").write_bytes(onnx.read_bytes())
+    (where / "model.yaml").write_text("format: onnx\nfiles: {onnx: model.onnx}\nruntime: onnxruntime\n")
+    return where
+
+
+def served_answer(model_dir: Path, batch: np.ndarray) -> np.ndarray:
+    with running_service(model_dir) as service:
+        response = service.post({"data": {"ndarray": batch.tolist()}})
+        assert response.status_code == 200, response.text
+        return np.asarray(response.json()["data"]["ndarray"], dtype=np.float32)
+
+
+def write_config(path: Path, batch_size: int, inputs: list, outputs: list) -> Path:
+    path.write_text(json.dumps({"batch_size": batch_size, "input": inputs, "output": outputs}, indent=2))
+    return path
+
+
+# -- TensorFlow ------------------------------------------------------------------------------
+
+KERAS_MODEL = """
+    import numpy as np, keras, sys
+    from pathlib import Path
+    out = Path(sys.argv[1])
+    keras.utils.set_random_seed(0)
+    image = keras.Input((12, 12, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(image)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.MaxPooling2D(name="pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    probs = keras.layers.Dense(5, activation="softmax", name="probs")(x)
+    model = keras.Model(image, probs)
+    model.export(str(out / "saved_model"))
+    batch = np.random.default_rng(1).standard_normal((3, 12, 12, 3)).astype("float32")
+    np.save(out / "x.npy", batch)
+    np.save(out / "y.npy", model.predict(batch, verbose=0))
+"""
+
+
+@pytest.fixture(scope="module")
+def keras_saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not HAVE_TF:
+        pytest.skip("needs tensorflow and tf2onnx (pip install seldon-caffe[tensorflow])")
+    out = tmp_path_factory.mktemp("keras")
+    script = textwrap.dedent(KERAS_MODEL)
+    subprocess.run([sys.executable, "-c", script, str(out)], check=True, capture_output=True, timeout=600)
+    return out
+
+
+@needs_tf
+def test_keras_saved_model_converts_and_serves_like_keras(keras_saved_model, tmp_path):
+    config = write_config(
+        tmp_path / "config.txt",
+        8,
+        [{"name": "pixels", "data_type": "float", "dims": [-1, 12, 12, 3], "node_name": "image:0"}],
+        [{"name": "scores", "data_type": "float", "dims": [-1, 5], "node_name": "output_0"}],
+    )
+    onnx = tmp_path / "model.onnx"
+    result = seldon_caffe("convert", "tensorflow", keras_saved_model / "saved_model", "--config", config, "-o", onnx)
+    assert f"wrote {onnx}" in result.stdout
+    assert "max error against TensorFlow on random inputs, relative: scores" in result.stdout
+
+    import onnx as onnx_lib
+
+    graph = onnx_lib.load(str(onnx)).graph
+    assert [i.name for i in graph.input] == ["pixels"] and [o.name for o in graph.output] == ["scores"]
+    assert not graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")  # the batch stays dynamic
+
+    batch, keras_answer = np.load(keras_saved_model / "x.npy"), np.load(keras_saved_model / "y.npy")
+    served = served_answer(onnx_model_dir(onnx, tmp_path / "served"), batch)
+    assert relative_error(served, keras_answer) < TOLERANCE
+
+
+@needs_tf
+def test_an_output_inside_the_graph_cuts_the_model_there(keras_saved_model, tmp_path):
+    # dl_inference's config.txt named graph tensors; any tensor of the frozen signature works.
+    config = write_config(
+        tmp_path / "config.txt",
+        0,
+        [{"name": "pixels", "data_type": "float32", "dims": [2, 12, 12, 3], "node_name": "image"}],
+        [{"name": "features", "data_type": "float32", "dims": [2, 8], "node_name": _gap_tensor(keras_saved_model)}],
+    )
+    onnx = tmp_path / "cut.onnx"
+    result = seldon_caffe("convert", "tensorflow", keras_saved_model / "saved_model", "--config", config, "-o", onnx)
+    assert "features" in result.stdout
+
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["features"] and session.get_inputs()[0].shape == [2, 12, 12, 3]
+
+
+def _gap_tensor(keras_saved_model: Path) -> str:
+    """The global-average-pooling tensor's name in the frozen graph (Keras versions name scopes differently)."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from tf2onnx import tf_loader
+        graph_def = tf_loader.from_saved_model(sys.argv[1], None, None, "serve", ["serving_default"])[0]
+        print(next(n.name for n in graph_def.node if "gap" in n.name and n.op == "Mean") + ":0")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(keras_saved_model / "saved_model")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+@needs_tf
+def test_unknown_node_name_lists_the_signature(keras_saved_model, tmp_path):
+    config = write_config(
+        tmp_path / "config.txt",
+        8,
+        [{"name": "x", "data_type": "float32", "dims": [-1, 12, 12, 3], "node_name": "input_1:0"}],
+        [{"name": "y", "data_type": "float32", "dims": [-1, 5], "node_name": "output_0"}],
+    )
+    result = seldon_caffe(
+        "convert",
+        "tensorflow",
+        keras_saved_model / "saved_model",
+        "--config",
+        config,
+        "-o",
+        tmp_path / "m.onnx",
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "node_name 'input_1:0' is not in signature 'serving_default'" in result.stderr
+    assert "its inputs are image (image:0)" in result.stderr
+
+
+@needs_tf
+def test_wrong_data_type_in_config_is_named(keras_saved_model, tmp_path):
+    config = write_config(
+        tmp_path / "config.txt",
+        8,
+        [{"name": "x", "data_type": "int64", "dims": [-1, 12, 12, 3], "node_name": "image"}],
+        [{"name": "y", "data_type": "float32", "dims": [-1, 5], "node_name": "output_0"}],
+    )
+    result = seldon_caffe(
+        "convert",
+        "tensorflow",
+        keras_saved_model / "saved_model",
+        "--config",
+        config,
+        "-o",
+        tmp_path / "m.onnx",
+        check=False,
+    )
+    assert (
+        result.returncode == 1 and "input 'x' is int64, but the model's is float32; fix its data_type" in result.stderr
+    )
+
+
+def test_not_a_saved_model(tmp_path):
+    config = write_config(
+        tmp_path / "config.txt",
+        0,
+        [{"name": "x", "data_type": "float32", "dims": [1]}],
+        [{"name": "y", "data_type": "float32", "dims": [1]}],
+    )
+    result = seldon_caffe("convert", "tensorflow", tmp_path, "--config", config, "-o", tmp_path / "m.onnx", check=False)
+    assert result.returncode == 1 and "not a SavedModel directory (no saved_model.pb in it)" in result.stderr
