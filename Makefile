@@ -4,7 +4,7 @@ SHELL := /bin/bash
 
 VENV     ?= .venv
 VENV117  ?= .venv-117
-EXTRAS   ?= test,onnx,openvino,tensorflow,torch,torchvision
+EXTRAS   ?= test,onnx,openvino,tensorflow,torch,torchvision,triton
 # Python 3.12: seldon-core 1.19 needs it. Take python3.12 from PATH, else pyenv's.
 PYTHON312 ?= $(shell for p in python3.12 $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12; do \
 	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
@@ -70,6 +70,7 @@ bench: setup caffe-env
 	nice $(PY) benchmarks/runtimes.py
 	nice $(PY) benchmarks/onnx_precisions.py
 	nice $(PY) benchmarks/tensorflow.py
+	nice $(PY) benchmarks/torch_runtime.py
 	nice $(PY) benchmarks/payloads.py
 
 proto:

@@ -157,6 +157,34 @@ def _options(options: Any, problem: _Reporter) -> dict[str, Any]:
     return merged
 
 
+class OptionReader:
+    """Typed reads of model.yaml `options` for a runtime's own keys. The mapping is shared by
+    every runtime, so each validates only what it reads; a bad value is a ConfigError naming
+    `options.KEY`, an absent one gives the default."""
+
+    def __init__(self, config: ModelConfig):
+        self.options, self.source = config.options, config.source
+
+    def problem(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: field 'options.{key}': {message}")
+
+    def flag(self, key: str, default: bool | None) -> bool | None:
+        value = self.options.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.problem(key, f"{value!r} is not true or false")
+        return value
+
+    def count(self, key: str, default: int | None, minimum: int) -> int | None:
+        value = self.options.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise self.problem(key, f"{value!r} is not an integer >= {minimum}")
+        return value
+
+
 def _is_cuda_index(device: str) -> bool:
     prefix, _, index = device.partition(":")
     return prefix == "cuda" and index.isdigit()

@@ -16,13 +16,13 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import yaml
+from conftest import run_concurrently
 
 from seldon_caffe.config import load_config
 from seldon_caffe.errors import BadRequest, ConfigError, ModelLoadError
@@ -171,22 +171,13 @@ def test_signature_and_answers_equal_keras(vision, expected):
 
 
 def test_concurrent_runs_from_threads(vision, expected):
-    errors: list[BaseException] = []
 
     def client(i: int) -> None:
-        try:
-            for _ in range(10):
-                got = vision.run(expected["x"][i : i + 1])["logits"]
-                np.testing.assert_allclose(got, expected["logits"][i : i + 1], rtol=RTOL, atol=ATOL)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            errors.append(exc)
+        for _ in range(10):
+            got = vision.run(expected["x"][i : i + 1])["logits"]
+            np.testing.assert_allclose(got, expected["logits"][i : i + 1], rtol=RTOL, atol=ATOL)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    run_concurrently(client, 5)
 
 
 @pytest.mark.parametrize(

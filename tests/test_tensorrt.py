@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from conftest import run_concurrently
 from onnx import TensorProto, helper, numpy_helper
 
 from seldon_caffe.config import load_config
@@ -469,9 +469,5 @@ def test_two_inputs_and_threads(gpu: None, tmp_path: Path) -> None:
         got[index] = runtime.run(feeds[index])["out"]  # float64 requests are cast to the plan's float32
 
     with runtime:
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(feeds))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_concurrently(work, len(feeds))
     assert all(relative_error(g, w) < 1e-3 for g, w in zip(got, want, strict=True))

@@ -9,7 +9,7 @@ from google.protobuf import text_format
 from test_convert_frameworks import TOLERANCE, relative_error, seldon_caffe, write_config
 
 model_config_pb2 = pytest.importorskip(
-    "tritonclient.grpc.model_config_pb2", reason="needs tritonclient (pip install seldon-caffe[test])"
+    "tritonclient.grpc.model_config_pb2", reason="needs tritonclient (pip install seldon-caffe[triton])"
 )
 
 FEATURES = [{"name": "x", "data_type": "TYPE_FP32", "dims": [-1, 4]}]

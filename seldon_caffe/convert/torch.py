@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 import time
 import zipfile
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from ..errors import SeldonCaffeError
@@ -78,6 +80,25 @@ def convert_torch_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def import_torch() -> ModuleType:
+    """`import torch`, keeping OpenAI Triton out of a process that has loaded TensorFlow.
+
+    PyPI's CUDA builds of torch bring the `triton` package, which torch imports lazily
+    (torch.export, its flop counter). Loaded after TensorFlow, triton's native library
+    crashes the process (segfault; seen with tensorflow-cpu 2.20 and triton 3.8, reproduced by
+    `import tensorflow, triton.knobs`). Seldon Core imports TensorFlow whenever it is
+    installed, so a served ExportedProgram would take the server down. Nothing here needs
+    triton (it compiles kernels for torch.compile), so in such a process `import triton` is
+    made to fail, which torch treats as triton not being installed.
+    """
+    if "tensorflow" in sys.modules and "triton" not in sys.modules:
+        sys.modules["triton"] = None  # type: ignore[assignment]  (import triton -> ImportError)
+        logging.getLogger(__name__).info("TensorFlow is loaded: triton is kept out of this process")
+    import torch
+
+    return torch
+
+
 def torch_file_kind(path: Path) -> str:
     """'torchscript', 'exported_program' or 'pickle', from the archive's members."""
     try:
@@ -100,13 +121,14 @@ def load_torch_model(path: Path, class_spec: str | None = None) -> Any:
     from ..quantize import _require
 
     _require("torch", "onnx", "onnxruntime")
-    import torch
+    torch = import_torch()
 
     kind = torch_file_kind(path)
     if kind == "torchscript":
         return torch.jit.load(str(path), map_location="cpu").eval()
     if kind == "exported_program":
-        return torch.export.load(str(path))
+        with open(path, "rb") as file:  # a file object: by name, torch.export.load insists on ".pt2"
+            return torch.export.load(file)
     if class_spec:
         return _module_with_state(path, class_spec)
     try:
@@ -172,7 +194,7 @@ def torch_to_onnx(
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> list[OutputError]:
     """Write the ONNX export of `model` to `output`; return each output's error against PyTorch."""
-    import torch
+    torch = import_torch()
 
     examples = random_inputs(description, check_batch(description), seed=1)
     args = tuple(torch.from_numpy(array) for array in examples.values())

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import SeldonCaffeError
 from . import _Subparsers, add_tolerance, opset_type
-from .check import check_signature
+from .check import check_signature, format_errors
 from .description import ModelDescription, TensorDescription, load_description
 
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "plan": ("tensorrt_plan", "model.plan")}
@@ -120,13 +120,12 @@ def write_repository(args: argparse.Namespace, kind: str, description: ModelDesc
     # Build the version in a scratch directory beside it, then move it in: a failed
     # conversion leaves the repository as it was.
     with tempfile.TemporaryDirectory(dir=model_dir, prefix=".incoming-") as scratch:
-        target = Path(scratch) / PLATFORMS["plan" if kind == "plan" else "onnx"][1]
-        _model_file(args, kind, description, target)
+        staged = Path(scratch, "version")
+        staged.mkdir()
+        _model_file(args, kind, description, staged / PLATFORMS["plan" if kind == "plan" else "onnx"][1])
         if version_dir.exists():
             shutil.rmtree(version_dir)
-        Path(scratch, "version").mkdir()
-        target.rename(Path(scratch, "version", target.name))
-        Path(scratch, "version").rename(version_dir)
+        staged.rename(version_dir)
     config_file.write_text(config)
     return model_dir
 
@@ -135,17 +134,36 @@ def _model_file(args: argparse.Namespace, kind: str, description: ModelDescripti
     if kind in ("onnx", "plan"):
         shutil.copyfile(args.model, target)
         if kind == "onnx":
+            for name in external_data_files(args.model):  # a model over 2 GB keeps its weights beside it
+                shutil.copyfile(args.model.parent / name, target.parent / name)
             check_signature(target, description)
         return
     if kind == "tensorflow":
         from .tensorflow import saved_model_to_onnx
 
-        saved_model_to_onnx(args.model, description, target, opset=args.opset, tolerance=args.tolerance)
+        errors = saved_model_to_onnx(args.model, description, target, opset=args.opset, tolerance=args.tolerance)
+        print(format_errors(errors, "TensorFlow"))
         return
     from .torch import load_torch_model, torch_to_onnx
 
     model = load_torch_model(args.model, args.class_spec)
-    torch_to_onnx(model, description, target, opset=args.opset, tolerance=args.tolerance)
+    errors = torch_to_onnx(model, description, target, opset=args.opset, tolerance=args.tolerance)
+    print(format_errors(errors, "PyTorch"))
+
+
+def external_data_files(path: Path) -> list[str]:
+    """The files an ONNX model keeps its external weights in, relative to its directory."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = {
+        entry.value
+        for tensor in model.graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return sorted(names)
 
 
 def model_config(

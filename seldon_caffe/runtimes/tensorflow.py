@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import DEFAULT_OPTIONS, ModelConfig
+from ..config import DEFAULT_OPTIONS, ModelConfig, OptionReader
 from ..errors import BadRequest, ConfigError, ModelLoadError
 from .base import Arrays, Runtime, TensorSpec
 
@@ -78,25 +78,8 @@ class TensorFlowOptions:
     def from_config(cls, config: ModelConfig) -> TensorFlowOptions:
         """Validate the tensorflow keys of `config.options`; ConfigError names the bad field."""
         options = config.options
-
-        def problem(key: str, message: str) -> ConfigError:
-            return ConfigError(f"{config.source}: field 'options.{key}': {message}")
-
-        def count(key: str, default: int | None, minimum: int) -> int | None:
-            value = options.get(key)
-            if value is None:
-                return default
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise problem(key, f"{value!r} is not an integer >= {minimum}")
-            return value
-
-        def flag(key: str, default: bool | None) -> bool | None:
-            value = options.get(key)
-            if value is None:
-                return default
-            if not isinstance(value, bool):
-                raise problem(key, f"{value!r} is not true or false")
-            return value
+        read = OptionReader(config)
+        problem, count, flag = read.problem, read.count, read.flag
 
         signature = options.get("signature") or DEFAULT_SIGNATURE
         if not isinstance(signature, str):

@@ -1,0 +1,427 @@
+"""The `torch` runtime: a TorchScript archive or an ExportedProgram (.pt2), on CPU or a GPU.
+
+dl_inference served PyTorch through Triton's libtorch backend, with a config.txt saying what
+goes in and out. This runtime serves the same files in this process, behind the same hooks
+as every other runtime, so a PyTorch model needs neither Triton nor a conversion. How to
+save a model for it, and what each option costs: docs/torch.md.
+
+Why it looks the way it does:
+
+* The signature. A TorchScript file names no inputs and records no shapes, so they come
+  from model.yaml `inputs:`, else dl_inference's config.txt beside it, else (ExportedProgram
+  only) the program's own input metadata; with none of them, loading stops with an example
+  to add. Outputs named nowhere are found by running the model: `o`, `o0, o1...`, dict keys.
+* A warm-up run at load, on zeros, so a model that cannot run on its declared inputs, on the
+  chosen device or in the chosen precision stops start-up instead of failing a request.
+* Precision is converted once for the model and per request on the device for float inputs;
+  outputs come back in their declared dtype (float32 unless a signature says otherwise), so
+  a client never sees fp16 it did not ask for.
+* CUDA graphs replay one captured graph per input shape: all kernels launch as one, which is
+  what keeps small batches fast on a GPU. The graph reads and writes fixed buffers, so the
+  requests that use graphs take turns (a lock); everything else runs concurrently, as a
+  TorchScript module (or a GraphModule) may be called from several threads at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import ModelConfig, OptionReader
+from ..convert.description import FILE_NAME as DESCRIPTION_FILE
+from ..convert.description import load_description
+from ..convert.torch import import_torch, torch_file_kind
+from ..errors import BadRequest, ConfigError, ModelLoadError, SeldonCaffeError
+from .base import Arrays, Runtime, TensorSpec
+
+logger = logging.getLogger(__name__)
+torch = import_torch()  # before anything imports triton: see import_torch
+
+REDUCED = {"fp16": torch.float16, "bf16": torch.bfloat16}
+KINDS = {"torchscript": "TorchScript archive", "exported_program": "ExportedProgram"}
+MAX_GRAPHS = 16  # distinct input shapes captured; later ones run without a graph (each costs GPU memory)
+GRAPH_WARMUP = 3  # runs on a side stream before a capture: TorchScript optimises during its first runs
+# An error the model raises on an input that passed the signature (a size a layer cannot take,
+# an ExportedProgram's shape guard) is the client's: a 400 saying what was expected.
+_INPUT_ERROR = re.compile(r"shape|size|dimension|channels|Guard failed", re.IGNORECASE)
+_SIGNATURE_EXAMPLE = "inputs: [{name: image, dtype: float32, shape: [-1, 3, 224, 224]}]"
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    """The torch runtime's view of model.yaml `options`, validated."""
+
+    device: str = "cpu"
+    precision: str = "fp32"
+    threads: int = 2
+    channels_last: bool = False
+    cuda_graphs: bool = False
+    cudnn_benchmark: bool = True
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> TorchOptions:
+        """Check the keys this runtime reads; a ConfigError names the field and what is allowed."""
+        options = config.options
+        read = OptionReader(config)
+        problem, flag = read.problem, read.flag
+
+        device, precision = str(options.get("device", "cpu")), options.get("precision", "fp32")
+        on_cuda = device.startswith("cuda")
+        if precision == "int8":
+            raise problem(
+                "precision",
+                "int8: the torch runtime has no int8 path; convert the model to ONNX (`seldon-caffe convert torch`), "
+                "then quantize it (`seldon-caffe quantize`) for onnxruntime or openvino, or build an int8 plan "
+                "(`seldon-caffe convert tensorrt --precision int8`) for the tensorrt runtime",
+            )
+        if precision == "fp16" and not on_cuda:
+            raise problem(
+                "precision", "fp16 needs device cuda (CPUs have no fast fp16 kernels); on cpu use fp32 or bf16"
+            )
+        cuda_graphs = flag("cuda_graphs", False)
+        if cuda_graphs and not on_cuda:
+            raise problem("cuda_graphs", f"CUDA graphs need device cuda or cuda:N; device is {device}")
+        threads, channels_last = int(options.get("threads", 2)), flag("channels_last", False)
+        return cls(device, precision, threads, channels_last, cuda_graphs, flag("cudnn_benchmark", True))
+
+
+class TorchRuntime(Runtime):
+    """A TorchScript module or an ExportedProgram's module. `native` is that module."""
+
+    name = "torch"
+
+    def __init__(self, config: ModelConfig):
+        self.options = TorchOptions.from_config(config)
+        self.device = torch_device(self.options.device)
+        self.path = Path(config.files["torchscript"])
+        torch.set_num_threads(self.options.threads)  # per process: the last model loaded sets it
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = self.options.cudnn_benchmark
+        self.kind = archive_kind(self.path)
+        module, program = load_module(self.path, self.kind, self.device)
+        self._dtype = REDUCED.get(self.options.precision)
+        if self._dtype is not None:
+            module = module.to(self._dtype)
+        if self.options.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        self.native = module
+        described = config.model_dir / DESCRIPTION_FILE
+        description = load_description(described) if described.is_file() else None
+        self.max_batch = description.batch_size if description else 0
+        self.inputs = input_specs(config, description, program, self.path)
+        self._graphs: dict[tuple, tuple[list, list, Any]] | None = {} if self.options.cuda_graphs else None
+        self._graph_lock = threading.Lock()
+        self._picks: list[tuple[Any, torch.dtype]] = []
+        self.outputs = self._warm_up(config, description)
+        extras = "".join(f", {k}" for k in ("channels_last", "cuda_graphs") if getattr(self.options, k))
+        how = f"{KINDS[self.kind]} {self.path.name} on {self.device}, {self.options.precision}{extras}"
+        logger.info("torch %s: %s; %s", torch.__version__, how, self.signature())
+
+    # -- requests ---------------------------------------------------------------------
+
+    def check_inputs(self, inputs: np.ndarray | Mapping[str, Any]) -> Arrays:
+        feed = super().check_inputs(inputs)
+        for name, array in feed.items():  # config.txt's batch_size is the largest batch served
+            if self.max_batch and array.ndim and array.shape[0] > self.max_batch:
+                raise BadRequest(f"input {name!r} has batch {array.shape[0]}; config.txt allows up to {self.max_batch}")
+        return feed
+
+    def _run(self, feed: Arrays, outputs: list[str]) -> Arrays:
+        arrays = [feed[spec.name] for spec in self.inputs]
+        try:
+            with torch.inference_mode():
+                results = self._replay(arrays) if self._graphs is not None else self._eager(arrays)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, IndexError, AssertionError) as exc:
+            message = engine_message(exc)
+            if not _INPUT_ERROR.search(message) or message.startswith("CUDA error"):
+                raise  # not the request's fault: a 500 naming the exception
+            raise BadRequest(f"the model rejected the input: {message}; expected {self.signature()}") from None
+        index = {spec.name: i for i, spec in enumerate(self.outputs)}
+        return {name: results[index[name]].numpy() for name in outputs}
+
+    def _eager(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        tensors = [torch.from_numpy(array).to(self.device) for array in arrays]
+        return [t.cpu() for t in self._compute(tensors)]
+
+    def _compute(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Device tensors in the signature's dtypes -> the outputs, cast to their declared dtypes."""
+        result = self.native(*[self._convert(t) for t in tensors])
+        return [(result if key is None else result[key]).to(dtype) for key, dtype in self._picks]
+
+    def _convert(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self._dtype)
+        if self.options.channels_last and tensor.dim() == 4:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
+
+    # -- CUDA graphs --------------------------------------------------------------------
+
+    def _replay(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Run through the graph captured for these shapes (capturing it the first time)."""
+        key = tuple(array.shape for array in arrays)
+        with self._graph_lock, torch.cuda.device(self.device):
+            graph = self._graphs.get(key)
+            if graph is None:
+                if len(self._graphs) >= MAX_GRAPHS:
+                    logger.warning("%d input shapes have CUDA graphs already; %s runs without one", MAX_GRAPHS, key)
+                    return self._eager(arrays)
+                graph = self._graphs[key] = self._capture(arrays)
+            static_in, static_out, cuda_graph = graph
+            for buffer, array in zip(static_in, arrays, strict=True):
+                buffer.copy_(torch.from_numpy(array))
+            cuda_graph.replay()
+            return [t.cpu() for t in static_out]  # copied out before the next request may replay
+
+    def _capture(self, arrays: list[np.ndarray]) -> tuple[list, list, Any]:
+        static_in = [torch.from_numpy(array).to(self.device) for array in arrays]
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):  # a capture must not be the first run: allocations, cuDNN choices
+            for _ in range(GRAPH_WARMUP):
+                self._compute(static_in)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use the GPU
+            static_out = self._compute(static_in)
+        logger.info("captured a CUDA graph for input shapes %s", [list(a.shape) for a in arrays])
+        return static_in, static_out, graph
+
+    # -- load -------------------------------------------------------------------------
+
+    def _warm_up(self, config: ModelConfig, description: Any) -> list[TensorSpec]:
+        """Run on zeros, any-size dims 1 and then 2: fail now, and learn the outputs' dims."""
+        sizes = (1, 2) if any(-1 in s.shape for s in self.inputs) else (1,)
+        runs = []
+        for size in sizes:
+            zeros = [np.zeros([size if d == -1 else d for d in s.shape], s.dtype) for s in self.inputs]
+            try:
+                with torch.inference_mode():
+                    runs.append(self.native(*[self._convert(torch.from_numpy(z).to(self.device)) for z in zeros]))
+                if self.device.type == "cuda":  # a kernel's error shows only when the GPU gets to it
+                    torch.cuda.synchronize(self.device)
+            except Exception as exc:  # whatever the model raises: start-up stops with it
+                shapes = ", ".join(f"{s.name}{list(z.shape)}" for s, z in zip(self.inputs, zeros, strict=True))
+                raise ModelLoadError(
+                    f"{self.path}: the warm-up run on zeros ({shapes}) failed on {self.device}, "
+                    f"{self.options.precision}: {engine_message(exc)}; check the inputs' names, dtypes and shapes "
+                    "(model.yaml inputs or config.txt), in forward()'s argument order"
+                ) from None
+        specs = []
+        for i, (entry, key, value) in enumerate(output_entries(runs[0], description, config, self.path)):
+            shape = tuple(value.shape)
+            other = runs[-1] if key is None else runs[-1][key]
+            if other.dim() == len(shape):  # a dim that followed the inputs' from 1 to 2 is any size
+                shape = tuple(-1 if a != b else a for a, b in zip(shape, other.shape, strict=True))
+            # An fp16/bf16 output of a model this runtime converted is float32 to the client.
+            reduced = value.dtype in (self._dtype, torch.bfloat16)
+            found = "float32" if reduced else str(value.dtype).removeprefix("torch.")
+            dtype = _numpy_dtype(entry.get("dtype") or found, f"outputs[{i}].dtype", config)
+            specs.append(TensorSpec(entry["name"], dtype, tuple(entry.get("shape") or shape)))
+            self._picks.append((key, getattr(torch, dtype)))
+        return specs
+
+    def close(self) -> None:
+        with self._graph_lock:
+            self._graphs = {} if self._graphs is not None else None
+        self.native = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# -- the file -------------------------------------------------------------------------------
+
+
+def torch_device(device: str) -> torch.device:
+    """options.device as a torch.device, or a ModelLoadError saying why this machine lacks it."""
+    if device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ModelLoadError(
+            f"options.device {device!r}: torch.cuda.is_available() is false on this machine (torch "
+            f"{torch.__version__}, {build}): no GPU or driver is visible. Use device: cpu, or run where a GPU is"
+        )
+    index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        raise ModelLoadError(f"options.device {device!r}: torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return torch.device("cuda", index)
+
+
+def archive_kind(path: Path) -> str:
+    """`torchscript` or `exported_program`, told by what is inside the file (as `convert torch` does)."""
+    try:
+        kind = torch_file_kind(path)
+    except SeldonCaffeError:
+        kind = None  # not a zip, or not one torch wrote
+    how = (
+        "save one with torch.export.save(torch.export.export(model.eval(), example_inputs), 'model.pt2') "
+        "or torch.jit.save(torch.jit.script(model.eval()), 'model.pt')"
+    )
+    if kind == "pickle":
+        raise ModelLoadError(
+            f"{path}: a torch.save() checkpoint (a state_dict or a pickled module), which holds weights but no "
+            f"code to run; the torch runtime serves a TorchScript archive or an ExportedProgram: {how}"
+        )
+    if kind is None:
+        raise ModelLoadError(f"{path}: not a TorchScript archive (torch.jit.save) or an ExportedProgram (.pt2): {how}")
+    return kind
+
+
+def load_module(path: Path, kind: str, device: torch.device) -> tuple[Any, Any]:
+    """(module to call, its ExportedProgram or None), on `device`, in eval mode where it has one."""
+    try:
+        with warnings.catch_warnings():  # torch.jit.* warns that it is deprecated, at every call
+            warnings.simplefilter("ignore", FutureWarning)
+            if kind == "torchscript":
+                module = torch.jit.load(str(path), map_location=device)
+                module.eval()
+                return module, None
+            with open(path, "rb") as file:  # a file object: by name, torch.export.load insists on ".pt2"
+                program = torch.export.load(file)
+    except Exception as exc:  # torch raises RuntimeError, pickle and zip errors... for a bad file
+        raise ModelLoadError(f"{path}: cannot load this {KINDS[kind]}: {engine_message(exc)}") from None
+    if device.type != "cpu":
+        try:
+            from torch.export.passes import move_to_device_pass
+        except ImportError:  # older torch: move the parameters and buffers only
+            return program.module().to(device), program
+        program = move_to_device_pass(program, device)
+    # An ExportedProgram keeps the train/eval mode it was exported in (export in eval mode).
+    return program.module(), program
+
+
+# -- the signature ------------------------------------------------------------------------
+
+
+def input_specs(config: ModelConfig, description: Any, program: Any, path: Path) -> list[TensorSpec]:
+    """model.yaml `inputs`, over config.txt's or the ExportedProgram's; in forward()'s order."""
+    if description is not None:
+        base = _described(description.inputs)
+    else:
+        base = program_inputs(program) if program is not None else None
+    entries = merge(base, config.inputs, "inputs", config)
+    if not entries:
+        raise ModelLoadError(
+            f"{path}: a TorchScript file records no input names or shapes; add them to {config.source} in "
+            f"forward()'s argument order (-1 = any size), e.g. {_SIGNATURE_EXAMPLE}, or put dl_inference's "
+            f"{DESCRIPTION_FILE} beside it"
+        )
+    specs = []
+    for i, entry in enumerate(entries):
+        if entry.get("shape") is None:
+            raise ModelLoadError(
+                f"{config.source}: field 'inputs[{i}].shape': required, a TorchScript file records none; "
+                f"e.g. {_SIGNATURE_EXAMPLE}"
+            )
+        dtype = _numpy_dtype(entry.get("dtype") or "float32", f"inputs[{i}].dtype", config)
+        specs.append(TensorSpec(entry["name"], dtype, tuple(entry["shape"])))
+    return specs
+
+
+def program_inputs(program: Any) -> list[dict[str, Any]] | None:
+    """An ExportedProgram's user inputs, from the fake tensors export traced with (symbolic dims -> -1)."""
+    nodes = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    entries = []
+    for name in program.graph_signature.user_inputs:
+        value = nodes[name].meta.get("val") if name in nodes else None
+        if not isinstance(value, torch.Tensor) or value.dtype == torch.bfloat16:
+            return None  # a non-tensor argument: model.yaml has to say what to send
+        shape = [d if isinstance(d, int) else -1 for d in value.shape]
+        entries.append({"name": name, "dtype": str(value.dtype).removeprefix("torch."), "shape": shape})
+    return entries or None
+
+
+def merge(base: list[dict] | None, given: list[dict] | None, key: str, config: ModelConfig) -> list[dict] | None:
+    """model.yaml's entries over the model directory's: by name (as load_runtime refines any
+    runtime's signature), or, when they use other names, in place of them one for one."""
+    if not given:
+        return base
+    if base is None:
+        return [dict(entry) for entry in given]
+    names = [entry["name"] for entry in base]
+    if all(entry["name"] in names for entry in given):
+        by_name = {entry["name"]: dict(entry) for entry in base}
+        for entry in given:
+            by_name[entry["name"]].update({k: v for k, v in entry.items() if v is not None})
+        return list(by_name.values())
+    if len(given) != len(base):
+        raise ModelLoadError(
+            f"{config.source}: field '{key}': {len(given)} entries, but the model has {len(base)} "
+            f"({', '.join(names)}): refine them by these names, or rename them all, in order"
+        )
+    return [{**old, **{k: v for k, v in new.items() if v is not None}} for old, new in zip(base, given, strict=True)]
+
+
+def output_entries(
+    result: Any, description: Any, config: ModelConfig, path: Path
+) -> list[tuple[dict, Any, torch.Tensor]]:
+    """(entry, key or index that picks it from forward()'s result, its value) per output.
+
+    Unnamed outputs are `o` (one tensor), `o0, o1...` (a tuple or list), the keys (a dict);
+    model.yaml refines them by those names, or renames them in order. config.txt's outputs
+    are forward()'s results in order, or for a dict, its keys as their node_name.
+    """
+    if isinstance(result, torch.Tensor):
+        found = [("o", None, result)]
+    elif isinstance(result, (tuple, list)) and result and all(isinstance(t, torch.Tensor) for t in result):
+        found = [(f"o{i}", i, t) for i, t in enumerate(result)]
+    elif isinstance(result, Mapping) and result and all(isinstance(t, torch.Tensor) for t in result.values()):
+        found = [(str(k), k, t) for k, t in result.items()]
+    else:
+        raise ModelLoadError(
+            f"{path}: forward() returned {type(result).__name__}; the torch runtime serves a tensor, "
+            "a tuple or list of tensors, or a dict of them"
+        )
+    if description is None:
+        entries = merge([{"name": name, "key": key} for name, key, _ in found], config.outputs, "outputs", config)
+        return [(entry, entry["key"], value) for entry, (_, _, value) in zip(entries, found, strict=True)]
+    entries = merge(_described(description.outputs), config.outputs, "outputs", config)
+    if isinstance(result, Mapping):
+        missing = [entry["key"] for entry in entries if entry["key"] not in result]
+        if missing:
+            raise ModelLoadError(f"{path}: forward() returns a dict without {missing[0]!r}; it has {', '.join(result)}")
+        return [(entry, entry["key"], result[entry["key"]]) for entry in entries]
+    if len(entries) != len(found):
+        names = ", ".join(entry["name"] for entry in entries)
+        raise ModelLoadError(
+            f"{path}: forward() returns {len(found)} tensor(s), but {DESCRIPTION_FILE} names {len(entries)} "
+            f"output(s) ({names}); name every one, in order"
+        )
+    return [(entry, key, value) for entry, (_, key, value) in zip(entries, found, strict=True)]
+
+
+def _described(tensors: Any) -> list[dict[str, Any]]:
+    return [{"name": t.name, "key": t.node_name, "dtype": t.dtype, "shape": list(t.dims)} for t in tensors]
+
+
+def _numpy_dtype(name: str, field: str, config: ModelConfig) -> str:
+    """A dtype name both numpy and torch know, or a ConfigError naming the field."""
+    try:
+        dtype = np.dtype(name).name
+    except TypeError:
+        dtype = None
+    if dtype is None or not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ConfigError(f"{config.source}: field '{field}': {name!r} is not a tensor dtype; e.g. float32, int64")
+    return dtype
+
+
+def engine_message(exc: BaseException) -> str:
+    """The line of a torch error that says what went wrong (TorchScript puts its traceback first)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        match = re.match(r"^\w*(?:Error|Exception): (.+)", line)
+        if match:
+            return match.group(1)[:500]
+    return (lines[0] if lines else type(exc).__name__)[:500]
