@@ -150,3 +150,29 @@ def test_a_conversion_that_answers_differently_is_caught(two_heads, tmp_path):
 
     with pytest.raises(ConversionMismatch, match="differs from PyTorch by .* > tolerance 0.0001"):
         check_conversion(tmp_path / "m.onnx", description, other_answers, "PyTorch")
+
+
+def test_torchvision_torchscript_serves_alike_through_onnx_and_the_torch_runtime(tmp_path):
+    """One TorchScript file, two ways to serve it: converted for onnxruntime, and as it is
+    through the torch runtime (its config.txt giving the signature); both answer like torch."""
+    torchvision = pytest.importorskip("torchvision", reason="needs torchvision (pip install seldon-caffe[torchvision])")
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small().eval()
+    batch = np.random.default_rng(8).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(batch)).numpy()
+    direct = tmp_path / "direct"
+    direct.mkdir()
+    torch.jit.save(torch.jit.trace(model, torch.from_numpy(batch)), str(direct / "model.pt"))
+    config = write_config(
+        direct / "config.txt",
+        16,
+        [{"name": "i", "data_type": "float32", "dims": [-1, 3, 64, 64]}],
+        [{"name": "o", "data_type": "float32", "dims": [-1, 1000]}],
+    )
+    (direct / "model.yaml").write_text("format: torch\nfiles: {torchscript: model.pt}\nruntime: torch\n")
+    onnx = tmp_path / "model.onnx"
+    seldon_caffe("convert", "torch", direct / "model.pt", "--config", config, "-o", onnx)
+
+    assert relative_error(served_answer(onnx_model_dir(onnx, tmp_path / "via_onnx"), batch), want) < TOLERANCE
+    assert relative_error(served_answer(direct, batch), want) < TOLERANCE
