@@ -86,16 +86,32 @@ def keras_saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def convert_keras(
+    keras_saved_model: Path,
+    tmp_path: Path,
+    inputs: list,
+    outputs: list,
+    *,
+    batch_size: int = 8,
+    output: Path | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """`seldon-caffe convert tensorflow` on the Keras SavedModel, with a config.txt of `inputs` and `outputs`."""
+    config = write_config(tmp_path / "config.txt", batch_size, inputs, outputs)
+    saved_model, output = keras_saved_model / "saved_model", output or tmp_path / "m.onnx"
+    return seldon_caffe("convert", "tensorflow", saved_model, "--config", config, "-o", output, check=check)
+
+
 @needs_tf
 def test_keras_saved_model_converts_and_serves_like_keras(keras_saved_model, tmp_path):
-    config = write_config(
-        tmp_path / "config.txt",
-        8,
+    onnx = tmp_path / "model.onnx"
+    result = convert_keras(
+        keras_saved_model,
+        tmp_path,
         [{"name": "pixels", "data_type": "float", "dims": [-1, 12, 12, 3], "node_name": "image:0"}],
         [{"name": "scores", "data_type": "float", "dims": [-1, 5], "node_name": "output_0"}],
+        output=onnx,
     )
-    onnx = tmp_path / "model.onnx"
-    result = seldon_caffe("convert", "tensorflow", keras_saved_model / "saved_model", "--config", config, "-o", onnx)
     assert f"wrote {onnx}" in result.stdout
     assert "max error against TensorFlow on random inputs, relative: scores" in result.stdout
 
@@ -113,14 +129,15 @@ def test_keras_saved_model_converts_and_serves_like_keras(keras_saved_model, tmp
 @needs_tf
 def test_an_output_inside_the_graph_cuts_the_model_there(keras_saved_model, tmp_path):
     # dl_inference's config.txt named graph tensors; any tensor of the frozen signature works.
-    config = write_config(
-        tmp_path / "config.txt",
-        0,
+    onnx = tmp_path / "cut.onnx"
+    result = convert_keras(
+        keras_saved_model,
+        tmp_path,
         [{"name": "pixels", "data_type": "float32", "dims": [2, 12, 12, 3], "node_name": "image"}],
         [{"name": "features", "data_type": "float32", "dims": [2, 8], "node_name": _gap_tensor(keras_saved_model)}],
+        batch_size=0,
+        output=onnx,
     )
-    onnx = tmp_path / "cut.onnx"
-    result = seldon_caffe("convert", "tensorflow", keras_saved_model / "saved_model", "--config", config, "-o", onnx)
     assert "features" in result.stdout
 
     import onnxruntime as ort
@@ -151,20 +168,11 @@ def _gap_tensor(keras_saved_model: Path) -> str:
 
 @needs_tf
 def test_unknown_node_name_lists_the_signature(keras_saved_model, tmp_path):
-    config = write_config(
-        tmp_path / "config.txt",
-        8,
+    result = convert_keras(
+        keras_saved_model,
+        tmp_path,
         [{"name": "x", "data_type": "float32", "dims": [-1, 12, 12, 3], "node_name": "input_1:0"}],
         [{"name": "y", "data_type": "float32", "dims": [-1, 5], "node_name": "output_0"}],
-    )
-    result = seldon_caffe(
-        "convert",
-        "tensorflow",
-        keras_saved_model / "saved_model",
-        "--config",
-        config,
-        "-o",
-        tmp_path / "m.onnx",
         check=False,
     )
     assert result.returncode == 1
@@ -174,20 +182,11 @@ def test_unknown_node_name_lists_the_signature(keras_saved_model, tmp_path):
 
 @needs_tf
 def test_wrong_data_type_in_config_is_named(keras_saved_model, tmp_path):
-    config = write_config(
-        tmp_path / "config.txt",
-        8,
+    result = convert_keras(
+        keras_saved_model,
+        tmp_path,
         [{"name": "x", "data_type": "int64", "dims": [-1, 12, 12, 3], "node_name": "image"}],
         [{"name": "y", "data_type": "float32", "dims": [-1, 5], "node_name": "output_0"}],
-    )
-    result = seldon_caffe(
-        "convert",
-        "tensorflow",
-        keras_saved_model / "saved_model",
-        "--config",
-        config,
-        "-o",
-        tmp_path / "m.onnx",
         check=False,
     )
     assert (

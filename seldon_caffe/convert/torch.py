@@ -22,6 +22,7 @@ import importlib
 import logging
 import sys
 import time
+import warnings
 import zipfile
 from pathlib import Path
 from types import ModuleType
@@ -59,15 +60,20 @@ def add_parser(formats: _Subparsers) -> None:
     parser.add_argument("model", type=Path, help="the PyTorch file (.pt, .pth, .pt2)")
     parser.add_argument("--config", type=Path, required=True, help="config.txt: the model description")
     parser.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
+    add_class_option(parser)
+    parser.add_argument("--opset", type=opset_type, help="ONNX opset (default: the exporter's)")
+    add_tolerance(parser)
+    parser.set_defaults(handler=convert_torch_command)
+
+
+def add_class_option(parser: argparse.ArgumentParser) -> None:
+    """--class, for PyTorch files that hold a state_dict (here and in `convert triton`)."""
     parser.add_argument(
         "--class",
         dest="class_spec",
         metavar="MODULE:NAME",
         help="for a state_dict: the module class (or factory) to load it into, e.g. torchvision.models:resnet50",
     )
-    parser.add_argument("--opset", type=opset_type, help="ONNX opset (default: the exporter's)")
-    add_tolerance(parser)
-    parser.set_defaults(handler=convert_torch_command)
 
 
 def convert_torch_command(args: argparse.Namespace) -> int:
@@ -124,11 +130,8 @@ def load_torch_model(path: Path, class_spec: str | None = None) -> Any:
     torch = import_torch()
 
     kind = torch_file_kind(path)
-    if kind == "torchscript":
-        return torch.jit.load(str(path), map_location="cpu").eval()
-    if kind == "exported_program":
-        with open(path, "rb") as file:  # a file object: by name, torch.export.load insists on ".pt2"
-            return torch.export.load(file)
+    if kind != "pickle":
+        return load_saved(path, kind)
     if class_spec:
         return _module_with_state(path, class_spec)
     try:
@@ -141,6 +144,18 @@ def load_torch_model(path: Path, class_spec: str | None = None) -> Any:
     if not isinstance(loaded, torch.nn.Module):
         raise SeldonCaffeError(f"{path} holds a {type(loaded).__name__}, not a torch.nn.Module")
     return loaded.eval()
+
+
+def load_saved(path: Path, kind: str, map_location: Any = "cpu") -> Any:
+    """A TorchScript archive (its ScriptModule, in eval mode) or an ExportedProgram, as saved;
+    `kind` is torch_file_kind's. Shared by `convert torch` and the torch runtime."""
+    torch = import_torch()
+    with warnings.catch_warnings():  # torch.jit.* warns that it is deprecated, at every call
+        warnings.simplefilter("ignore", FutureWarning)
+        if kind == "torchscript":
+            return torch.jit.load(str(path), map_location=map_location).eval()
+        with open(path, "rb") as file:  # a file object: by name, torch.export.load insists on ".pt2"
+            return torch.export.load(file)
 
 
 def _module_with_state(path: Path, class_spec: str) -> Any:

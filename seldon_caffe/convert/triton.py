@@ -26,6 +26,7 @@ from ..errors import SeldonCaffeError
 from . import _Subparsers, add_tolerance, opset_type
 from .check import check_signature, format_errors
 from .description import ModelDescription, TensorDescription, load_description
+from .torch import add_class_option
 
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "plan": ("tensorrt_plan", "model.plan")}
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
@@ -61,7 +62,7 @@ def add_parser(formats: _Subparsers) -> None:
         default=DEFAULT_QUEUE_DELAY_US,
         help=f"dynamic batching: how long a request may wait for others (default {DEFAULT_QUEUE_DELAY_US})",
     )
-    parser.add_argument("--class", dest="class_spec", metavar="MODULE:NAME", help="PyTorch state_dict: its class")
+    add_class_option(parser)
     parser.add_argument("--opset", type=opset_type, help="ONNX opset for a SavedModel or PyTorch source")
     parser.add_argument("--force", action="store_true", help="replace an existing version / config.pbtxt")
     add_tolerance(parser)
@@ -79,17 +80,18 @@ def convert_triton_command(args: argparse.Namespace) -> int:
         )
     if kind == "plan" and args.device == "cpu":
         raise SeldonCaffeError("--device cpu: TensorRT plans run on NVIDIA GPUs only")
+    platform, file_name = PLATFORMS["plan" if kind == "plan" else "onnx"]
     config = model_config(
         args.name,
         description,
-        platform=PLATFORMS["plan" if kind == "plan" else "onnx"][0],
+        platform=platform,
         precision=args.precision or "fp32",
         device=args.device,
         instances=args.instances,
         max_queue_delay_us=args.max_queue_delay_us,
     )
-    model_dir = write_repository(args, kind, description, config)
-    print(f"wrote {model_dir}: config.pbtxt and {args.version}/{PLATFORMS['plan' if kind == 'plan' else 'onnx'][1]}")
+    model_dir = write_repository(args, kind, description, config, file_name)
+    print(f"wrote {model_dir}: config.pbtxt and {args.version}/{file_name}")
     return 0
 
 
@@ -108,7 +110,10 @@ def model_kind(path: Path) -> str:
     return "torch"
 
 
-def write_repository(args: argparse.Namespace, kind: str, description: ModelDescription, config: str) -> Path:
+def write_repository(
+    args: argparse.Namespace, kind: str, description: ModelDescription, config: str, file_name: str
+) -> Path:
+    """REPO/NAME/config.pbtxt and REPO/NAME/VERSION/`file_name`, per the module docstring's rules."""
     model_dir = args.output / args.name
     version_dir = model_dir / str(args.version)
     config_file = model_dir / "config.pbtxt"
@@ -122,7 +127,7 @@ def write_repository(args: argparse.Namespace, kind: str, description: ModelDesc
     with tempfile.TemporaryDirectory(dir=model_dir, prefix=".incoming-") as scratch:
         staged = Path(scratch, "version")
         staged.mkdir()
-        _model_file(args, kind, description, staged / PLATFORMS["plan" if kind == "plan" else "onnx"][1])
+        _model_file(args, kind, description, staged / file_name)
         if version_dir.exists():
             shutil.rmtree(version_dir)
         staged.rename(version_dir)

@@ -89,7 +89,7 @@ class TensorRTRuntime(Runtime):
     def __init__(self, config: ModelConfig):
         # Everything checkable without TensorRT first: those mistakes show on any machine.
         self.path = plan_path(config)
-        index = cuda_device_index(config)
+        check_gpu_device(config)
         if config.options["precision"] != "fp32":
             logger.warning(
                 "%s: options.precision %s is ignored: a TensorRT plan's precision is fixed when it is built "
@@ -98,8 +98,8 @@ class TensorRTRuntime(Runtime):
                 config.options["precision"],
             )
         trt = require_tensorrt(ModelLoadError)
-        self._torch = torch = _cuda_torch(index)
-        self.device = torch.device("cuda", index)
+        torch, self.device = _cuda_torch(str(config.options["device"]))
+        self._torch = torch
         try:
             plan = self.path.read_bytes()
         except OSError as exc:
@@ -181,31 +181,25 @@ def plan_path(config: ModelConfig) -> Path:
     )
 
 
-def cuda_device_index(config: ModelConfig) -> int:
-    device = str(config.options["device"])
-    if device == "cpu":
+def check_gpu_device(config: ModelConfig) -> None:
+    """options.device must name a GPU (config.py already checked it is cpu, cuda or cuda:N)."""
+    if str(config.options["device"]) == "cpu":
         raise ConfigError(
             f"{config.source}: field 'options.device': cpu; TensorRT runs on NVIDIA GPUs only: set device: cuda "
             f"(or cuda:N), or serve the ONNX model on CPU with runtime onnxruntime or openvino"
         )
-    return int(device.partition(":")[2] or 0)
 
 
-def _cuda_torch(index: int) -> ModuleType:
-    """torch, able to reach GPU `index`: the runtime keeps its buffers in torch CUDA tensors."""
-    try:
-        import torch
+def _cuda_torch(device: str) -> tuple[ModuleType, Any]:
+    """(torch, the torch.device of options.device): the runtime keeps its buffers in torch CUDA tensors."""
+    try:  # through the torch runtime's module, which imports torch the safe way (convert.torch.import_torch)
+        from .torch import torch, torch_device
     except ImportError:
         raise ModelLoadError(
             "the tensorrt runtime keeps its GPU buffers in torch CUDA tensors and torch is not installed: "
             "pip install 'seldon-caffe[torch]'"
         ) from None
-    if not torch.cuda.is_available():
-        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise ModelLoadError(f"no CUDA GPU is visible to torch {torch.__version__} ({build}); TensorRT needs one")
-    if index >= torch.cuda.device_count():
-        raise ModelLoadError(f"device cuda:{index}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    return torch
+    return torch, torch_device(device)
 
 
 def engine_signature(

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ import numpy as np
 from ..config import ModelConfig, OptionReader
 from ..convert.description import FILE_NAME as DESCRIPTION_FILE
 from ..convert.description import load_description
-from ..convert.torch import import_torch, torch_file_kind
+from ..convert.torch import import_torch, load_saved, torch_file_kind
 from ..errors import BadRequest, ConfigError, ModelLoadError, SeldonCaffeError
 from .base import Arrays, Runtime, TensorSpec
 
@@ -282,16 +281,12 @@ def archive_kind(path: Path) -> str:
 def load_module(path: Path, kind: str, device: torch.device) -> tuple[Any, Any]:
     """(module to call, its ExportedProgram or None), on `device`, in eval mode where it has one."""
     try:
-        with warnings.catch_warnings():  # torch.jit.* warns that it is deprecated, at every call
-            warnings.simplefilter("ignore", FutureWarning)
-            if kind == "torchscript":
-                module = torch.jit.load(str(path), map_location=device)
-                module.eval()
-                return module, None
-            with open(path, "rb") as file:  # a file object: by name, torch.export.load insists on ".pt2"
-                program = torch.export.load(file)
+        saved = load_saved(path, kind, map_location=device)
     except Exception as exc:  # torch raises RuntimeError, pickle and zip errors... for a bad file
         raise ModelLoadError(f"{path}: cannot load this {KINDS[kind]}: {engine_message(exc)}") from None
+    if kind == "torchscript":
+        return saved, None
+    program = saved
     if device.type != "cpu":
         try:
             from torch.export.passes import move_to_device_pass
