@@ -15,7 +15,7 @@ MODEL    ?= examples/vision
 SELDON117 := "seldon-core==1.17.1" "setuptools<70"
 E2E_117  := tests/test_e2e.py tests/test_caffe_format.py
 
-.PHONY: help setup setup-117 caffe-env demo serve test test-117 lint bench proto clean
+.PHONY: help setup setup-117 caffe-env tools demo serve test test-117 lint bench proto clean
 
 help:
 	@echo "make setup      create $(VENV) (Python 3.12) with seldon-caffe and its extras ($(EXTRAS))"
@@ -23,6 +23,7 @@ help:
 	@echo "make serve      serve MODEL=$(MODEL) on ports 9000 (REST) / 5000 (gRPC) / 6000 (metrics)"
 	@echo "make test       set up (both Seldon lanes and real Caffe), then run every test"
 	@echo "make caffe-env  build the real-Caffe reference root (Debian bullseye python3-caffe; root only)"
+	@echo "make tools      install protoc and shellcheck with apt-get when missing (root only)"
 	@echo "make lint       ruff check and ruff format --check"
 	@echo "make bench      run benchmarks/ and update docs/benchmarks.md"
 
@@ -46,6 +47,19 @@ setup-117: $(VENV117)/.installed
 caffe-env:
 	bash scripts/caffe-env.sh
 
+# protoc and shellcheck: without them the tests that recompile caffe.proto and lint the
+# scripts skip. Installed when missing and possible (root, apt-get); said when not. Quiet
+# when both are there.
+TOOLS := protoc:protobuf-compiler shellcheck:shellcheck
+tools:
+	@missing=""; for tool in $(TOOLS); do command -v "$${tool%%:*}" >/dev/null || missing="$$missing $${tool#*:}"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "make tools: cannot install$$missing (needs root and apt-get); the tests that use them skip"; exit 0; fi; \
+	echo "make tools: installing$$missing"; \
+	{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } \
+		|| echo "make tools: apt-get could not install$$missing; the tests that use them skip"
+
 demo: setup
 	$(PY) scripts/demo.py $(MODEL)
 
@@ -54,7 +68,7 @@ serve: setup
 
 # The generated caffe_pb2 must also work on the 1.17.1 lane's protobuf 3.20: the main run
 # checks it through that venv's interpreter (tests/test_caffe_format.py).
-test: setup setup-117 caffe-env
+test: setup setup-117 caffe-env tools
 	SELDON_CAFFE_PB320_PYTHON=$(VENV117)/bin/python $(PY) -m pytest -q -rs
 	$(MAKE) test-117
 

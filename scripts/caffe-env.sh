@@ -5,7 +5,8 @@
 #
 #   SELDON_CAFFE_REFERENCE_ROOT   where the root lives (default: $XDG_CACHE_HOME or
 #                                 ~/.cache, then seldon-caffe/caffe-root), outside the clone
-#   SELDON_CAFFE_DEBIAN_MIRROR    Debian mirror (default http://deb.debian.org/debian)
+#   SELDON_CAFFE_DEBIAN_MIRROR    Debian mirror (default: none given, so debootstrap uses
+#                                 its own default for the suite)
 #
 # Idempotent: a finished root is reused. The root is built in ROOT.tmp and renamed when it
 # imports caffe, so an interrupted build never looks finished; the next run starts over.
@@ -13,7 +14,7 @@
 set -euo pipefail
 
 ROOT="${SELDON_CAFFE_REFERENCE_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/seldon-caffe/caffe-root}"
-MIRROR="${SELDON_CAFFE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+MIRROR="${SELDON_CAFFE_DEBIAN_MIRROR:-}"
 SUITE=bullseye
 PACKAGES=python3-caffe,python3-numpy
 TMP="$ROOT.tmp"
@@ -63,7 +64,8 @@ mkdir -p "$(dirname "$ROOT")"
 
 say "building $ROOT: debootstrap $SUITE with $PACKAGES (about 2 minutes and 1 GB)"
 start=$(date +%s)
-if ! debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$TMP" "$MIRROR" >"$TMP.log" 2>&1; then
+# The mirror argument only when one was asked for: debootstrap's default otherwise.
+if ! debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$TMP" ${MIRROR:+"$MIRROR"} >"$TMP.log" 2>&1; then
     tail -n 20 "$TMP.log" >&2
     unmount_under "$TMP"
     die "debootstrap failed (full log: $TMP.log)"

@@ -10,25 +10,45 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import convert, k8s, quantize, scaffold
 from .errors import SeldonCaffeError
+from .limits import DEFAULT_MAX_REQUEST_BYTES, MAX_REQUEST_BYTES_ENV
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seldon-caffe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="serve a model directory as a Seldon microservice")
-    serve.add_argument("model_dir", type=Path)
-    serve.add_argument("--http-port", type=int, default=9000)
-    serve.add_argument("--grpc-port", type=int, default=5000)
-    serve.add_argument("--metrics-port", type=int, default=6000)
-    serve.add_argument("--workers", type=int, default=1, help="REST worker processes (gunicorn)")
-    serve.add_argument("--threads", type=int, default=1, help="threads per REST worker")
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model directory as a Seldon microservice",
+        description="Serve MODEL_DIR over Seldon's REST and gRPC APIs until SIGTERM/SIGINT (which drain "
+        "in-flight requests). Defaults come from Seldon's variables, as the operator sets them in a pod.",
+    )
+    serve.add_argument(
+        "model_dir",
+        type=Path,
+        nargs="?",
+        help="default: Seldon's model_dir parameter, $SELDON_CAFFE_MODEL_DIR, /mnt/models",
+    )
+    serve.add_argument("--http-port", type=int, default=_env_int("PREDICTIVE_UNIT_HTTP_SERVICE_PORT", 9000))
+    serve.add_argument("--grpc-port", type=int, default=_env_int("PREDICTIVE_UNIT_GRPC_SERVICE_PORT", 5000))
+    serve.add_argument("--metrics-port", type=int, default=_env_int("PREDICTIVE_UNIT_METRICS_SERVICE_PORT", 6000))
+    serve.add_argument("--workers", type=int, default=_env_int("GUNICORN_WORKERS", 1), help="REST worker processes")
+    serve.add_argument("--threads", type=int, default=_env_int("GUNICORN_THREADS", 4), help="threads per REST worker")
+    serve.add_argument("--grpc-workers", type=int, default=_env_int("GRPC_WORKERS", 1), help="gRPC server processes")
+    serve.add_argument("--grpc-threads", type=int, default=_env_int("GRPC_THREADS", 4), help="threads per gRPC server")
+    serve.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=_env_int(MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES) / 2**20,
+        help="largest request (REST body, gRPC message, decoded payload) in MiB; default 64",
+    )
     serve.add_argument("--runtime", help="override model.yaml's runtime")
     serve.set_defaults(handler=serve_command)
 
@@ -38,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--data", help='a Seldon JSON message, e.g. \'{"data": {"ndarray": [[1, 2]]}}\'')
     source.add_argument("--file", type=Path, help="a .json Seldon message, or any other file sent as binData")
     predict.add_argument("--runtime", help="override model.yaml's runtime")
+    predict.add_argument("--traceback", action="store_true", help="on an error, show where it was raised")
     predict.set_defaults(handler=predict_command)
 
     inspect = sub.add_parser("inspect", help="show the signature, runtime and hooks of a model directory")
@@ -54,44 +75,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    """Check that the model loads, then become Seldon's microservice serving it."""
-    from .model import METADATA_ENV, SeldonCaffeModel
+    """Check the ports and that the model loads, then become the service (server.py) until
+    SIGTERM/SIGINT."""
+    from .model import METADATA_ENV, MODEL_DIR_ENV, SeldonCaffeModel, seldon_parameter
+    from .server import ServeOptions, check_ports
 
-    model_dir = args.model_dir.resolve()
+    model_dir = (args.model_dir or Path(seldon_parameter("model_dir") or SeldonCaffeModel().model_dir)).resolve()
+    counts = {name: getattr(args, name) for name in ("workers", "threads", "grpc_workers", "grpc_threads")}
+    for name, value in counts.items():
+        if value < 1:
+            raise SeldonCaffeError(f"--{name.replace('_', '-')} {value}: expected a positive integer")
+    max_request_bytes = int(args.max_request_mb * 2**20)
+    if max_request_bytes < 1:
+        raise SeldonCaffeError(f"--max-request-mb {args.max_request_mb}: expected a positive size")
+    options = ServeOptions(
+        model_dir=model_dir,
+        runtime=args.runtime or seldon_parameter("runtime"),
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        max_request_bytes=max_request_bytes,
+        **counts,
+    )
+    check_ports(options)  # before the model load below, which can take a while
+    # Every process of the service (and the hooks' payload checks) reads the same limit.
+    os.environ[MAX_REQUEST_BYTES_ENV] = str(max_request_bytes)
     # Load once here: a broken model then stops start-up with our one-line message,
     # instead of a gunicorn worker dying with a traceback in a loop. Its signature is
-    # handed to Seldon's parent process, which must not open the model itself.
-    preflight = SeldonCaffeModel(str(model_dir), args.runtime)
+    # handed to the servers, which must not open the model before they fork.
+    preflight = SeldonCaffeModel(str(model_dir), options.runtime)
     preflight.load()
     os.environ[METADATA_ENV] = json.dumps(preflight.init_metadata())
     preflight.model.close()
-
-    parameters = [{"name": "model_dir", "value": str(model_dir), "type": "STRING"}]
-    if args.runtime:
-        parameters.append({"name": "runtime", "value": args.runtime, "type": "STRING"})
-    argv = [
-        sys.executable,
-        "-m",
-        "seldon_core.microservice",
-        "seldon_caffe.SeldonCaffeModel",
-        "--service-type",
-        "MODEL",
-        "--http-port",
-        str(args.http_port),
-        "--grpc-port",
-        str(args.grpc_port),
-        "--metrics-port",
-        str(args.metrics_port),
-        "--workers",
-        str(args.workers),
-        "--threads",
-        str(args.threads),
-        "--parameters",
-        json.dumps(parameters),
-    ]
-    sys.stdout.flush()
-    os.environ["SELDON_CAFFE_MODEL_DIR"] = str(model_dir)
-    os.execv(sys.executable, argv)
+    os.environ[MODEL_DIR_ENV] = str(model_dir)
+    print(
+        f"serving {model_dir} ({preflight.model.name}): REST :{options.http_port} "
+        f"({options.workers}x{options.threads} threads), gRPC :{options.grpc_port} "
+        f"({options.grpc_workers}x{options.grpc_threads} threads), metrics :{options.metrics_port}",
+        flush=True,
+    )
+    # A fresh interpreter supervises the servers: this one has started the model's engine.
+    os.execv(sys.executable, [sys.executable, "-m", "seldon_caffe.server", options.to_json()])
     return 0  # not reached
 
 
@@ -133,6 +157,17 @@ def inspect_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env_int(name: str, default: int) -> int:
+    """An integer default from the environment (Seldon's pod variables); a bad one is an error."""
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SeldonCaffeError(f"${name}={raw!r}: expected an integer") from None
+
+
 def _parse_request(text: str, where: str) -> dict[str, Any]:
     try:
         message = json.loads(text)
@@ -153,10 +188,13 @@ def _read(path: Path) -> bytes:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = None
     try:
+        args = build_parser().parse_args(argv)
         return args.handler(args)
     except SeldonCaffeError as error:
+        if getattr(args, "traceback", False):
+            traceback.print_exception(error, file=sys.stderr)
         print(f"seldon-caffe: error: {error}", file=sys.stderr)
         return 1
 

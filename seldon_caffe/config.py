@@ -39,6 +39,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "device": "cpu",
     "precision": "fp32",
     "pycaffe_command": None,
+    "allow_non_finite": False,  # NaN/Inf in a float input: 400 unless true
 }
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 TOP_LEVEL = ("name", "format", "files", "runtime", "options", "hooks", "inputs", "outputs")
@@ -154,6 +155,8 @@ def _options(options: Any, problem: _Reporter) -> dict[str, Any]:
         not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command)
     ):
         problem("options.pycaffe_command", 'expected a list of strings, e.g. ["chroot", "/srv/caffe", "python3"]')
+    if not isinstance(merged["allow_non_finite"], bool):
+        problem("options.allow_non_finite", f"{merged['allow_non_finite']!r} is not true or false")
     return merged
 
 

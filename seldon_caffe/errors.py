@@ -38,6 +38,13 @@ class ModelUnavailable(SeldonCaffeError):
     reason = "MODEL_UNAVAILABLE"
 
 
+class DeadlineExceeded(SeldonCaffeError):
+    """The model did not answer in time (a hung pycaffe worker, past options.timeout_s): HTTP 504."""
+
+    status = 504
+    reason = "MODEL_TIMEOUT"
+
+
 class Unsupported(SeldonCaffeError):
     """The runtime cannot do this operation (e.g. set_weights on a compiled engine)."""
 

@@ -12,17 +12,21 @@ import importlib.util
 import inspect
 import io
 import logging
+import math
 import sys
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from .config import ModelConfig
 from .errors import BadRequest, HookError, ModelLoadError, SeldonCaffeError
+from .limits import check_decoded_bytes
 
 HOOK_NAMES = ("setup", "preprocess", "run_model", "postprocess")
 
@@ -60,9 +64,9 @@ def default_preprocess(payload: Any, ctx: Context) -> Any:
     if isinstance(payload, bytes):
         return decode_numpy(payload)
     if isinstance(payload, dict):
-        return {name: np.asarray(value) for name, value in payload.items()}
+        return {name: _as_array(value, f"jsonData {name!r}") for name, value in payload.items()}
     if isinstance(payload, list):
-        return np.asarray(payload)
+        return _as_array(payload, "the ndarray")
     kind = "strData" if isinstance(payload, str) else type(payload).__name__
     raise BadRequest(
         f"got {kind}; without a preprocess hook the model takes an ndarray/tensor, "
@@ -98,17 +102,72 @@ DEFAULTS: dict[str, Callable[..., Any]] = {
 
 
 def decode_numpy(data: bytes) -> np.ndarray | dict[str, np.ndarray]:
-    """A .npy file -> its array; a .npz file -> {name: array}. Never unpickles."""
+    """A .npy file -> its array; a .npz file -> {name: array}. Never unpickles.
+
+    Every array's header is read before its data: object dtypes, and arrays declaring more
+    bytes in all than the request size limit (`limits.max_request_bytes()`), are a 400
+    before anything is allocated, since an .npz of zeros compresses about 1000:1.
+    """
     try:
         if data[:4] == b"PK\x03\x04":
+            _check_npz(data)
             with np.load(io.BytesIO(data), allow_pickle=False) as archive:
                 return {name: archive[name] for name in archive.files}
+        shape, dtype = _npy_header(io.BytesIO(data), "binData .npy")
+        check_decoded_bytes(_nbytes(shape, dtype), f"binData .npy ({_describe(shape, dtype)})")
         return np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+    except (ValueError, OSError, EOFError, RuntimeError, NotImplementedError, zlib.error, zipfile.BadZipFile) as exc:
+        # RuntimeError / NotImplementedError: an encrypted or oddly compressed .npz member
         raise BadRequest(
             f"binData is not a .npy or .npz file ({exc}); send arrays saved with numpy.save/savez, "
             "or add a preprocess hook for other bytes (images, text)"
         ) from None
+
+
+def _check_npz(data: bytes) -> None:
+    """Every member of the .npz must be a .npy array; their declared sizes together must fit."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        described, total = [], 0
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                raise BadRequest(f"binData .npz holds {info.filename!r}, which is not a .npy array")
+            with archive.open(info) as member:  # decompresses only as far as the header
+                shape, dtype = _npy_header(member, f"binData .npz array {info.filename[:-4]!r}")
+            total += _nbytes(shape, dtype)
+            described.append(f"{info.filename[:-4]}: {_describe(shape, dtype)}")
+    listed = ", ".join(described[:3]) + (f" and {len(described) - 3} more" if len(described) > 3 else "")
+    check_decoded_bytes(total, f"binData .npz ({listed})")
+
+
+def _npy_header(stream: Any, what: str) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a .npy header declares; the stream is left just after it."""
+    version = npy_format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = npy_format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, _, dtype = npy_format.read_array_header_2_0(stream)
+    else:  # 3.0 exists only for structured dtypes with non-latin-1 field names: no model input
+        raise BadRequest(f"{what}: .npy format version {version[0]}.{version[1]} is not accepted (1.0 and 2.0 are)")
+    if dtype.hasobject:
+        raise BadRequest(f"{what} holds Python objects (dtype {dtype}), which are never unpickled; send numeric arrays")
+    if any(d < 0 for d in shape):
+        raise BadRequest(f"{what} declares a negative dimension: shape {shape}")
+    return shape, dtype
+
+
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize  # Python ints: a hostile shape cannot overflow
+
+
+def _describe(shape: tuple[int, ...], dtype: np.dtype) -> str:
+    return f"{dtype}[{', '.join(map(str, shape))}]"
+
+
+def _as_array(value: Any, what: str) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except ValueError as exc:  # ragged nested lists
+        raise BadRequest(f"{what} is not a rectangular array ({exc})") from None
 
 
 def encode_numpy(arrays: dict[str, np.ndarray]) -> bytes:

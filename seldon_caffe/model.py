@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from google.protobuf.json_format import ParseError
 from seldon_core.flask_utils import SeldonMicroserviceException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from .config import load_config
-from .errors import HookError, ModelUnavailable, SeldonCaffeError
+from .errors import BadRequest, HookError, ModelUnavailable, SeldonCaffeError
 from .hooks import Context, Hooks, request_context
 from .runtimes import Runtime, load_runtime, resolve_runtime
 
@@ -29,8 +31,13 @@ logger = logging.getLogger(__name__)
 
 MODEL_DIR_ENV = "SELDON_CAFFE_MODEL_DIR"
 METADATA_ENV = "SELDON_CAFFE_METADATA"  # init_metadata's answer, from `seldon-caffe serve`
+PARAMETERS_ENV = "PREDICTIVE_UNIT_PARAMETERS"  # Seldon's: [{"name", "value", "type"}]
 DEFAULT_MODEL_DIR = "/mnt/models"  # where Seldon's storage initializer puts modelUri
 STAGES = ("preprocess", "run_model", "postprocess")
+# Seldon's REST endpoints whose request is a JSON message (check_message)
+_MESSAGE_ENDPOINTS = ("Predict", "SendFeedback", "TransformInput", "TransformOutput", "Route")
+# What Seldon's request decoding raises for a request it cannot read (see request_error)
+_DECODING_ERRORS = (ValueError, KeyError, TypeError, RecursionError, ParseError)
 
 # numpy dtype -> the V2 metadata datatype Seldon's metadata schema knows
 _V2_DATATYPES = {
@@ -47,6 +54,16 @@ _V2_DATATYPES = {
     "float32": "FP32",
     "float64": "FP64",
 }
+
+
+def seldon_parameter(name: str) -> str | None:
+    """A parameter of the SeldonDeployment's graph ($PREDICTIVE_UNIT_PARAMETERS), or None."""
+    try:
+        parameters = json.loads(os.environ.get(PARAMETERS_ENV) or "[]")
+    except json.JSONDecodeError:
+        return None
+    values = [p.get("value") for p in parameters if isinstance(p, dict) and p.get("name") == name]
+    return str(values[0]) if values else None
 
 
 class SeldonError(SeldonMicroserviceException):
@@ -108,10 +125,52 @@ class SeldonCaffeModel:
                 outputs = self.hooks.run_model(self.model, inputs, ctx)
             with _timed(timings, "postprocess"):
                 result = _jsonable(self.hooks.postprocess(outputs, ctx))
+            _check_finite(result)
         except SeldonCaffeError as error:
-            logger.warning("request failed (%d): %s", error.status, error)
+            if error.status == 500:  # ours to fix: the traceback (with the hook's own) goes to the log
+                logger.error("request failed (%d): %s", error.status, error, exc_info=error)
+            else:
+                logger.warning("request failed (%d): %s", error.status, error)
             raise SeldonError(error) from error
         return result
+
+    def request_started(self) -> None:
+        """A new request on this thread: an error before predict() is one of decoding."""
+        self._timings.last = None
+
+    def request_error(self, exc: BaseException) -> SeldonMicroserviceException:
+        """The status and message a request that raised `exc` gets, REST and gRPC alike.
+
+        Seldon decodes the request before predict() and raises whatever its parsers raise
+        (ValueError for a ragged array, protobuf's ParseError for a bad tftensor, RecursionError
+        for JSON nested too deep): before predict() those are the client's fault, 400. An HTTP
+        error (404, 405, 413, 415) keeps its status. Anything else is ours: 500, logged with
+        its traceback.
+        """
+        if isinstance(exc, SeldonMicroserviceException):
+            return exc  # predict() logged it
+        if isinstance(exc, SeldonCaffeError):  # raised before predict(): check_message
+            logger.warning("request failed (%d): %s", exc.status, exc)
+            return SeldonError(exc)
+        if isinstance(exc, HTTPException):
+            exc = _wrong_method(exc)
+            allowed = f" Allowed: {', '.join(exc.valid_methods)}." if isinstance(exc, MethodNotAllowed) else ""
+            error = SeldonMicroserviceException(
+                f"{exc.name}: {exc.description}{allowed}", status_code=exc.code, reason=_reason(exc.name)
+            )
+        elif getattr(self._timings, "last", None) is None and isinstance(exc, _DECODING_ERRORS):
+            message = (
+                f"the request could not be decoded ({type(exc).__name__}: {_first_line(exc)}); expected a Seldon "
+                'message such as {"data": {"ndarray": [[...]]}} with a rectangular array, binData, strData or jsonData'
+            )
+            error = SeldonMicroserviceException(message, status_code=400)
+        else:
+            message = f"internal error: {type(exc).__name__}: {_first_line(exc)}"
+            error = SeldonMicroserviceException(message, status_code=500, reason="MICROSERVICE_INTERNAL_ERROR")
+            logger.error("request failed (500): %s", message, exc_info=exc)
+            return error
+        logger.warning("request failed (%d): %s", error.status_code, error.message)
+        return error
 
     @property
     def model_error_handler(self) -> Any:
@@ -120,9 +179,13 @@ class SeldonCaffeModel:
         return _decode_error_blueprint(self)
 
     def metrics(self) -> list[dict[str, Any]]:
-        """Per-stage timings of this thread's last request, as Seldon TIMER metrics (ms)."""
+        """Per-stage timings of this thread's last request, as Seldon TIMER metrics.
+
+        Seldon takes TIMER values in milliseconds and stores them divided by 1000, so the
+        histograms it exposes hold seconds: named `_seconds`, as Prometheus expects.
+        """
         timings = getattr(self._timings, "last", None) or {}
-        return [{"type": "TIMER", "key": f"seldon_caffe_{stage}_ms", "value": ms} for stage, ms in timings.items()]
+        return [{"type": "TIMER", "key": f"seldon_caffe_{stage}_seconds", "value": ms} for stage, ms in timings.items()]
 
     def tags(self) -> dict[str, Any]:
         if self.model is None:
@@ -162,33 +225,48 @@ def probe_metadata(model_dir: str, runtime: str | None = None) -> dict[str, Any]
 
 
 def _decode_error_blueprint(served: SeldonCaffeModel) -> Any:
-    from flask import Blueprint, jsonify
+    from flask import Blueprint, jsonify, request
+    from seldon_core.flask_utils import get_request
 
     blueprint = Blueprint("seldon_caffe_errors", __name__)
 
     @blueprint.before_app_request
     def _new_request() -> None:
-        served._timings.last = None  # predict() sets it: an error before then is in decoding
+        served.request_started()
+        if request.endpoint in _MESSAGE_ENDPOINTS:
+            check_message(get_request())  # Flask caches the parsed body: Seldon reads it again for free
 
-    @blueprint.app_errorhandler(ValueError)
-    @blueprint.app_errorhandler(KeyError)
-    @blueprint.app_errorhandler(TypeError)
-    def _undecodable(exc: Exception) -> Any:
-        reached_model = getattr(served._timings, "last", None) is not None
-        if reached_model:  # not a decoding problem: answer as Seldon's generic handler would
-            error = SeldonMicroserviceException(str(exc), status_code=500, reason="MICROSERVICE_INTERNAL_ERROR")
-        else:
-            message = (
-                f"the request could not be decoded ({type(exc).__name__}: {exc}); expected a Seldon message "
-                'such as {"data": {"ndarray": [[...]]}} with a rectangular array, binData, strData or jsonData'
-            )
-            error = SeldonMicroserviceException(message, status_code=400)
-        logger.warning("request failed (%d): %s", error.status_code, error.message)
+    def _answer(exc: Exception) -> Any:
+        error = served.request_error(exc)
         response = jsonify(error.to_dict())
         response.status_code = error.status_code
         return response
 
+    for kind in (*_DECODING_ERRORS, HTTPException):
+        blueprint.app_errorhandler(kind)(_answer)  # app-wide, and more specific than Seldon's own
     return blueprint
+
+
+def check_message(message: Any) -> None:
+    """A Seldon JSON message whose `meta`, `meta.tags` or `data.names` has the wrong JSON type
+    is the client's mistake: a 400 saying so, before Seldon or the hooks trip over it."""
+    if not isinstance(message, dict):
+        return  # Seldon's own decoding says what it expected
+    meta = message.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise BadRequest(f'meta must be a JSON object such as {{"tags": {{"k": 3}}}}; got {_json_type(meta)}')
+    tags = (meta or {}).get("tags")
+    if tags is not None and not isinstance(tags, dict):
+        raise BadRequest(f'meta.tags must be a JSON object such as {{"k": 3}}; got {_json_type(tags)}')
+    data = message.get("data")
+    names = data.get("names") if isinstance(data, dict) else None
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise BadRequest(f"data.names must be a list of strings; got {_json_type(names)}")
+
+
+def _json_type(value: Any) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number")
 
 
 def _metadata(config: Any, model: Runtime) -> dict[str, Any]:
@@ -236,12 +314,14 @@ def predict_once(model_dir: str | Path, request: dict[str, Any] | bytes, runtime
         import base64
 
         request = {"binData": base64.b64encode(request).decode()}
+    check_message(request)
     served = SeldonCaffeModel(str(model_dir), runtime)
     served.load()
     try:
         return seldon_methods.predict(served, request, SeldonMetrics(worker_id_func=lambda: 0))
     except SeldonError as error:
-        raise error.__cause__ from None  # the package's own error, for the command to print
+        own = error.__cause__  # the package's own error, for the command to print...
+        raise own from own.__cause__  # ...with what caused it (a hook's exception) for --traceback
     finally:
         served.model.close()
 
@@ -278,8 +358,51 @@ def _jsonable(result: Any) -> Any:
     if isinstance(result, (np.ndarray, str, bytes)):
         return result
     if isinstance(result, (dict, list, tuple)):
-        return json.loads(json.dumps(result, default=_numpy_default))
+        try:
+            return json.loads(json.dumps(result, default=_numpy_default, allow_nan=False))
+        except ValueError:  # NaN or Inf somewhere inside
+            raise _non_finite_answer() from None
     return result
+
+
+def _check_finite(result: Any) -> None:
+    """NaN and Inf have no JSON form: refuse to answer with them rather than send invalid
+    JSON (REST) or fail in Seldon's serializer (gRPC). A binary (.npy) answer carries them."""
+    if isinstance(result, np.ndarray) and result.dtype.kind in "fc" and not np.isfinite(result).all():
+        raise _non_finite_answer()
+
+
+def _non_finite_answer() -> SeldonCaffeError:
+    return SeldonCaffeError(
+        "the answer holds NaN or Inf, which JSON cannot carry; ask with binData for a .npy answer, "
+        "or replace them in a postprocess hook"
+    )
+
+
+def _wrong_method(exc: HTTPException) -> HTTPException:
+    """Seldon's Flask app serves static files at every GET path, so GET on a POST-only route
+    (/api/v1.0/predictions) comes out as 404; it is a 405 naming the method to use."""
+    from flask import current_app, has_request_context, request
+
+    if not isinstance(exc, NotFound) or not has_request_context():
+        return exc
+    adapter = current_app.url_map.bind_to_environ(request.environ)
+    for method in ("POST", "GET"):
+        try:
+            endpoint, _ = adapter.match(method=method)
+        except HTTPException:
+            continue
+        if endpoint != "static" and method != request.method:
+            return MethodNotAllowed(valid_methods=[method])
+    return exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:500]
+
+
+def _reason(name: str) -> str:
+    return "MICROSERVICE_" + name.upper().replace(" ", "_")
 
 
 def _numpy_default(value: Any) -> Any:

@@ -21,6 +21,7 @@ Python hook for other data (the vision example's images): pass any iterable of
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -29,10 +30,14 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SeldonCaffeError
+from .runtimes import REGISTRY
 
 Sample = dict[str, np.ndarray]
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_SAMPLES = 64
+# Modules the commands need that are no runtime's engine but come with a runtime's extra
+# (setup.cfg); every other module's install hint is its runtime's, in runtimes.REGISTRY.
+_COMES_WITH_RUNTIME = {"onnx": "onnxruntime", "tf2onnx": "tensorflow", "onnxscript": "torch"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -204,12 +209,29 @@ def accuracy_report(fp32: Path, int8: Path, samples: Sequence[Sample]) -> dict[s
 
 
 def _require(*modules: str) -> None:
-    """The command is in every install; its engines come with the [onnx] extra."""
+    """The commands are in every install; the engines they use come with extras, and the
+    error names the extras that bring the missing ones (torch's, not onnx's, for torch)."""
     import importlib.util
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise SeldonCaffeError(f"this command needs {', '.join(missing)}: pip install 'seldon-caffe[onnx]'")
+        raise SeldonCaffeError(f"this command needs {', '.join(missing)}: {install_hint(missing)}")
+
+
+def install_hint(modules: Sequence[str]) -> str:
+    """How to install `modules`: one pip command for our extras, then any other hints."""
+    extras: dict[str, None] = {}
+    others: dict[str, None] = {}
+    for module in modules:
+        runtime = _COMES_WITH_RUNTIME.get(module, module)
+        hint = REGISTRY[runtime][2] if runtime in REGISTRY else module
+        extra = re.fullmatch(r"seldon-caffe\[(\w+)\]", hint)
+        if extra:
+            extras[extra[1]] = None
+        else:
+            others[hint] = None
+    steps = [f"pip install 'seldon-caffe[{','.join(extras)}]'"] if extras else []
+    return "; ".join(steps + [f"install {hint}" for hint in others])
 
 
 def cpu_has_vnni() -> bool:

@@ -25,6 +25,7 @@ import numpy as np
 
 from seldon_caffe import reference_root
 from seldon_caffe.reference_root import describe_proto as describe_proto  # for the tests
+from seldon_caffe.runtimes.pycaffe_process import caffe_env
 
 ROOT_ENV = "SELDON_CAFFE_REFERENCE_ROOT"
 _WORKER = Path(__file__).resolve().parent / "runtimes" / "pycaffe_worker.py"
@@ -62,12 +63,12 @@ def python_command(root: Path | None = None) -> list[str]:
 
 
 def chroot_env(threads: int = 2) -> dict[str, str]:
-    """A clean environment for the root: none of our venv's variables leak into Python 3.9."""
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
-    env.update(GLOG_minloglevel="2", GLOG_logtostderr="1")
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[name] = str(threads)
-    return env
+    """A clean environment for the root: none of our venv's variables leak into Python 3.9.
+
+    What Caffe's own libraries read (OPENBLAS_*, thread counts, glog) follows the pycaffe
+    worker's rule, `caffe_env`: the oracle must run the kernels the served worker runs.
+    """
+    return caffe_env(threads, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"})
 
 
 # -- jobs: built here, run inside the root by run_jobs ---------------------------------

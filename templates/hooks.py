@@ -42,7 +42,8 @@ def preprocess(payload: Any, ctx: Context) -> np.ndarray | dict[str, np.ndarray]
     payload is an ndarray (data.ndarray / tensor / tftensor), str (strData), bytes (binData)
     or dict (jsonData). Return one array for a single-input model, else {input name: array}.
     The default takes arrays, and binData holding a .npy/.npz file. Binary payloads are much
-    cheaper than JSON lists for images: decode them here, e.g. with cv2.imdecode.
+    cheaper than JSON lists for images: decode them here with seldon_caffe.decode_image, which
+    checks the image's declared size before decoding it.
     """
     return default_preprocess(payload, ctx)
 

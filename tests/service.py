@@ -62,6 +62,17 @@ class Service:
 def running_service(
     model_dir: Path, *extra_args: str, env: dict[str, str] | None = None, timeout: float = START_TIMEOUT_S
 ) -> Iterator[Service]:
+    service = start_service(model_dir, *extra_args, env=env)
+    try:
+        wait_ready(service, timeout)
+        yield service
+    finally:
+        stop(service)
+        service.log_path.unlink(missing_ok=True)
+
+
+def start_service(model_dir: Path, *extra_args: str, env: dict[str, str] | None = None) -> Service:
+    """`seldon-caffe serve model_dir` on free ports, its output in a log file; not waited for."""
     ports = [free_port() for _ in range(3)]
     log = Path(tempfile.mkstemp(prefix="seldon-caffe-service-", suffix=".log")[1])
     argv = [sys.executable, "-m", "seldon_caffe.cli", "serve", str(model_dir)]
@@ -74,13 +85,7 @@ def running_service(
             env={**os.environ, **(env or {})},
             start_new_session=True,  # our own process group: stop() reaches gunicorn and gRPC children
         )
-    service = Service(process, *ports, log_path=log)
-    try:
-        wait_ready(service, timeout)
-        yield service
-    finally:
-        stop(service)
-        log.unlink(missing_ok=True)
+    return Service(process, *ports, log_path=log)
 
 
 def wait_ready(service: Service, timeout: float) -> None:
@@ -115,3 +120,45 @@ def stop(service: Service) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(service.process.pid, signal.SIGKILL)
         service.process.wait()
+
+
+# -- the service's processes (from /proc: the tests and benchmarks look at them) ----------
+
+
+def children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry))
+    return children
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it."""
+    children, found, todo = children_map(), [root], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def is_pycaffe_worker(pid: int) -> bool:
+    """The pycaffe runtime starts its worker as `<python> -c <worker source>`."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return len(argv) > 2 and argv[1] == b"-c" and b"The pycaffe worker" in argv[2]

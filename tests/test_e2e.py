@@ -200,7 +200,7 @@ def test_metadata_tags_and_metrics(plain, model):
 
     prometheus = requests.get(f"http://127.0.0.1:{plain.metrics_port}/metrics", timeout=10).text
     for stage in ("preprocess", "run_model", "postprocess"):
-        assert f"seldon_caffe_{stage}_ms" in prometheus
+        assert f"seldon_caffe_{stage}_seconds" in prometheus
 
 
 def requests_get(service, path):

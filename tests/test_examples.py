@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import io
 import json
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 from conftest import EXAMPLES
 from google.protobuf import json_format
+from PIL import Image
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 from service import running_service
 
@@ -159,6 +161,16 @@ def test_vision_rejects_a_non_image(vision):
     assert_400(vision, {"binData": base64.b64encode(text).decode()}, "not an image", "PNG or JPEG")
     assert_400(vision, {"strData": "not base64!"}, "strData must be a base64-encoded PNG or JPEG")
     assert_grpc_error(vision, "not an image", bin_data=text)
+    assert vision.post({"binData": base64.b64encode((VISION / "sample.png").read_bytes()).decode()}).ok
+
+
+def test_vision_rejects_a_decompression_bomb(vision):
+    """A 10000x10000 PNG of one colour is ~100 KB: the header alone gets it a 400, over REST and gRPC."""
+    buffer = io.BytesIO()
+    Image.new("L", (10000, 10000), 255).save(buffer, "PNG")
+    bomb = buffer.getvalue()
+    assert_400(vision, {"binData": base64.b64encode(bomb).decode()}, "10000x10000", "4096x4096")
+    assert_grpc_error(vision, "10000x10000", "4096x4096", bin_data=bomb)
     assert vision.post({"binData": base64.b64encode((VISION / "sample.png").read_bytes()).decode()}).ok
 
 

@@ -175,6 +175,29 @@ def test_get_set_weights_round_trip(lenet_example):
         np.testing.assert_allclose(model.run(IMAGES)["prob"], before, rtol=1e-6)
 
 
+def test_opencv_weights_of_a_layer_it_lacks_are_a_bad_request(tmp_path, lenet_example):
+    """As on pycaffe and tensorflow: a layer the net lacks, or arrays of the wrong shape, are
+    the caller's mistake (400), not the server's (500)."""
+    with load_runtime(load_config(lenet_example, runtime="opencv")) as model:
+        with pytest.raises(BadRequest, match="no layer with weights named 'nope'.*ip2") as caught:
+            model.get_weights("nope")
+        assert caught.value.status == 400
+        with pytest.raises(BadRequest, match="no layer with weights named 'relu1'"):
+            model.set_weights("relu1", [])
+        weights = model.get_weights("ip2")
+        with pytest.raises(BadRequest, match=r"array 1 must have shape \[10\], got \[3\]"):
+            model.set_weights("ip2", [weights[0], np.zeros(3)])
+        np.testing.assert_array_equal(model.get_weights("ip2")[1], weights[1])  # left as it was
+
+    hooks = "def run_model(model, inputs, ctx):\n    return {'w': model.get_weights(ctx.tags['layer'])[0]}\n"
+    served = SeldonCaffeModel(str(copy_model(lenet_example, tmp_path / "m", hooks=hooks)), runtime="opencv")
+    served.load()
+    assert np.shape(served.predict(IMAGES, [], meta={"tags": {"layer": "ip2"}})) == (10, 500)  # the one output
+    with pytest.raises(SeldonError) as caught:
+        served.predict(IMAGES, [], meta={"tags": {"layer": "nope"}})
+    assert caught.value.status_code == 400 and "no layer with weights named 'nope'" in caught.value.message
+
+
 # -- the command ---------------------------------------------------------------------------------
 
 
@@ -191,6 +214,23 @@ def test_predict_command(tmp_path, lenet_example, capsys):
     assert main(["predict", str(model_dir), "--file", str(npy)]) == 0
     assert main(["predict", str(model_dir), "--data", "[[1, 2]]"]) == 1
     assert "expected data: float32[N, 1, 28, 28]" in capsys.readouterr().err
+
+
+def test_predict_traceback_shows_where_a_hook_failed(tmp_path, lenet_example, capsys):
+    hooks = (REPO / "tests" / "data" / "serving_hooks.py").read_text()
+    model_dir = copy_model(lenet_example, tmp_path / "m", hooks=hooks)
+    request = json.dumps({"data": {"ndarray": IMAGES[:1].tolist()}, "meta": {"tags": {"raise": "RuntimeError"}}})
+    assert main(["predict", str(model_dir), "--data", request]) == 1
+    plain = capsys.readouterr().err
+    assert plain.strip().splitlines() == [
+        "seldon-caffe: error: hook preprocess in hooks.py raised RuntimeError: asked to fail"
+    ]
+    assert main(["predict", str(model_dir), "--data", request, "--traceback"]) == 1
+    shown = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in shown and 'raise RuntimeError("asked to fail")' in shown
+    assert shown.rstrip().endswith(
+        "seldon-caffe: error: hook preprocess in hooks.py raised RuntimeError: asked to fail"
+    )
 
 
 def test_predict_command_with_image_hooks(lenet_example):

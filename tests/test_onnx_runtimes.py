@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,7 +40,7 @@ from test_conformance import (
 
 from seldon_caffe import quantize, reference
 from seldon_caffe.config import load_config, parse_config
-from seldon_caffe.errors import ConfigError, ModelLoadError
+from seldon_caffe.errors import ConfigError, ModelLoadError, SeldonCaffeError
 from seldon_caffe.runtimes import Runtime, load_runtime
 
 RUNTIMES = ("onnxruntime", "openvino")
@@ -263,3 +264,24 @@ def test_int8_without_a_quantized_model_says_how_to_make_one(runtime: str, tmp_p
     config = load_config(_lenet_dir(tmp_path, runtime, precision="int8"))
     with pytest.raises(ModelLoadError, match=r"weights\.int8\.onnx.*seldon-caffe quantize model\.onnx"):
         load_runtime(config)
+
+
+@pytest.mark.parametrize(
+    "missing, hint",
+    [
+        (("onnx", "onnxruntime"), "pip install 'seldon-caffe[onnx]'"),
+        (("tensorflow", "tf2onnx"), "pip install 'seldon-caffe[tensorflow]'"),
+        (("torch",), "pip install 'seldon-caffe[torch]'"),
+        (("torch", "onnx"), "pip install 'seldon-caffe[torch,onnx]'"),
+    ],
+)
+def test_a_missing_engine_names_the_extra_that_brings_it(
+    monkeypatch: pytest.MonkeyPatch, missing: tuple[str, ...], hint: str
+) -> None:
+    """The convert and quantize commands share `quantize._require`; its hint must not send a
+    user who lacks TensorFlow or torch to the [onnx] extra."""
+    for module in missing:
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed: import and find_spec fail
+    with pytest.raises(SeldonCaffeError) as caught:
+        quantize._require("numpy", *missing)
+    assert str(caught.value) == f"this command needs {', '.join(missing)}: {hint}"

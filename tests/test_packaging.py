@@ -56,7 +56,7 @@ def s2i_layout(tmp: Path, model_dir: Path) -> tuple[Path, Path, dict[str, str]]:
         S2I_SOURCE_DIR=str(src),
         SELDON_CAFFE_APP_DIR=str(app),
         SELDON_CAFFE_PYTHON=sys.executable,
-        SELDON_CAFFE_MICROSERVICE=str(BIN / "seldon-core-microservice"),
+        SELDON_CAFFE_COMMAND=str(BIN / "seldon-caffe"),
     )
     return src, app, env
 
@@ -143,8 +143,9 @@ def test_init_then_s2i_assemble_and_run_answers_over_rest(lenet_dir, tmp_path):
         stop(service)
     assert prob.shape == (2, 10) and np.allclose(prob.sum(axis=1), 1.0, atol=1e-4)
     assert np.allclose(grpc_datadef_to_array(grpc.response.data), prob, atol=1e-5)
-    assert metrics.status_code == 200 and "seldon_caffe_run_model_ms" in metrics.text
-    assert "Serving the model_dir parameter's directory with seldon_caffe.SeldonCaffeModel (MODEL)" in service.log()
+    assert metrics.status_code == 200 and "seldon_caffe_run_model_seconds" in metrics.text
+    assert "Serving the model_dir parameter's directory with seldon-caffe" in service.log()
+    assert f"serving {app} " in service.log()  # `seldon-caffe serve` found it through the parameter
 
     from seldon_caffe.model import SeldonCaffeModel  # the same model, no service in between
 

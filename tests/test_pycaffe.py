@@ -1,9 +1,15 @@
 """The pycaffe runtime through its worker (real Caffe in the reference root, via chroot).
 
-Unit-level: the wire format and the worker file's Python 3.6 compatibility (no Caffe
-needed). With real Caffe: answers, concurrency, weights, a killed worker (one 503-class
-error, then normal answers with the weights set before), load errors, no orphans, and the
-real microservice serving a `runtime: pycaffe` model directory.
+Unit-level: the wire format, the worker file's Python 3.6 compatibility, the environment
+rule and options.timeout_s's checks (no Caffe needed). With real Caffe: answers,
+concurrency, weights, a killed worker (one 503-class error, then normal answers with the
+weights set before), a hung worker (a 504 past options.timeout_s, then a new worker), a
+worker that cannot start (back-off), load errors, no orphans, and the real microservice
+serving a `runtime: pycaffe` model directory.
+
+Real Caffe runs in a separate process from the oracle's, so answers are compared with a
+tolerance: OpenBLAS may pick other kernels there (OPENBLAS_CORETYPE...) and differ in the
+last bits. Answers of one worker process are compared exactly.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import ast
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,16 +31,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ZOO
-from service import running_service
+from service import alive, is_pycaffe_worker, process_tree, running_service
 
 from seldon_caffe import reference
 from seldon_caffe.config import load_config
-from seldon_caffe.errors import BadRequest, ModelLoadError, ModelUnavailable
-from seldon_caffe.runtimes import load_runtime
+from seldon_caffe.errors import BadRequest, ConfigError, DeadlineExceeded, ModelLoadError, ModelUnavailable
+from seldon_caffe.runtimes import load_runtime, pycaffe_process
 from seldon_caffe.runtimes import pycaffe_worker as wire
 
 needs_caffe = pytest.mark.skipif(reference.unavailable_reason() is not None, reason=f"{reference.unavailable_reason()}")
 WORKER_FILE = Path(wire.__file__)
+
+
+def _assert_close(got: np.ndarray, want: np.ndarray) -> None:
+    """Two processes running real Caffe: equal up to float32 rounding, not bit for bit."""
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_worker_file_runs_on_python36_with_numpy_and_caffe_only() -> None:
@@ -75,6 +87,28 @@ def test_without_caffe_or_command_the_error_says_what_to_set(tmp_path: Path) -> 
         load_runtime(load_config(model_dir))
 
 
+@pytest.mark.parametrize("value", ["'60'", "0", "-1", "true", ".inf", "[1]"])
+def test_timeout_s_must_be_a_positive_number(tmp_path: Path, value: str) -> None:
+    model_dir = _model_dir(tmp_path, command=None, weights=None, timeout_s=value)
+    with pytest.raises(ConfigError, match=r"model.yaml: field 'options.timeout_s': .* not a positive number"):
+        load_runtime(load_config(model_dir))
+
+
+def test_oracle_and_worker_run_caffe_in_the_same_blas_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What picks OpenBLAS's kernels reaches both real Caffes, or they compute differently."""
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setenv("OPENBLAS_L2_SIZE", "524288")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "7")  # options.threads wins over this one
+    monkeypatch.setenv("VIRTUAL_ENV", "/our/venv")
+    monkeypatch.delenv("GLOG_minloglevel", raising=False)
+    oracle, worker = reference.chroot_env(threads=2), pycaffe_process._worker_env(2)
+    for env in (oracle, worker):
+        assert env["OPENBLAS_CORETYPE"] == "Haswell" and env["OPENBLAS_L2_SIZE"] == "524288"
+        assert env["OPENBLAS_NUM_THREADS"] == env["OMP_NUM_THREADS"] == "2"
+        assert env["GLOG_minloglevel"] == "2"
+    assert "VIRTUAL_ENV" not in oracle and worker["VIRTUAL_ENV"] == "/our/venv"  # the oracle's stays clean
+
+
 # -- with real Caffe ------------------------------------------------------------------
 
 
@@ -92,16 +126,19 @@ def model_dir(tmp_path: Path, lenet_weights: Path) -> Path:
     return _model_dir(tmp_path, command=reference.python_command(), weights=lenet_weights)
 
 
-def _model_dir(where: Path, command: list[str] | None, weights: Path | None) -> Path:
+def _model_dir(where: Path, command: list[str] | None, weights: Path | None, **more: str) -> Path:
+    """A LeNet model directory; `more` are further options, as YAML text."""
     model_dir = where / "lenet-pycaffe"
     model_dir.mkdir()
     shutil.copy(ZOO / "lenet.prototxt", model_dir / "deploy.prototxt")
     (model_dir / "weights.caffemodel").write_bytes(weights.read_bytes() if weights else b"")
-    options = f"{{pycaffe_command: {command}, threads: 2}}" if command else "{}"  # threads as the reference
+    options = {"pycaffe_command": str(command), "threads": "2"} if command else {}  # threads as the reference
+    options.update(more)
+    flow = "{" + ", ".join(f"{key}: {value}" for key, value in options.items()) + "}"
     (model_dir / "model.yaml").write_text(
         "name: lenet-pycaffe\nformat: caffe\nruntime: pycaffe\n"
         "files: {prototxt: deploy.prototxt, weights: weights.caffemodel}\n"
-        f"options: {options}\n"
+        f"options: {flow}\n"
     )
     return model_dir
 
@@ -132,8 +169,9 @@ def test_concurrent_runs_each_get_their_own_answer(model_dir: Path) -> None:
             thread.join()
     for i, answers in results.items():
         assert len(answers) == 10
-        for answer in answers:
-            np.testing.assert_array_equal(answer, expected[i]["prob"])
+        _assert_close(answers[0], expected[i]["prob"])
+        for answer in answers[1:]:  # one worker: the same input gives the same bits
+            np.testing.assert_array_equal(answer, answers[0])
 
 
 @needs_caffe
@@ -144,12 +182,14 @@ def test_killed_worker_costs_one_request_and_keeps_set_weights(model_dir: Path) 
         assert [w.shape for w in weights] == [(20, 1, 5, 5), (20,)]
         model.set_weights("conv1", [weights[0] * -2.0, weights[1] + 0.5])
         changed = model.run(x)["prob"]
-        first = model.native.pid
+        first, spare = model.native.pid, model.native.spare_pid
+        assert spare is not None and spare != first, "a spare worker waits in reserve"
         os.kill(first, signal.SIGKILL)
         with pytest.raises(ModelUnavailable, match="killed by SIGKILL.*restart"):
             model.run(x)
-        np.testing.assert_array_equal(model.run(x)["prob"], changed)  # restarted, set_weights re-applied
-        assert model.native.pid != first
+        _assert_close(model.run(x)["prob"], changed)  # restarted, set_weights re-applied
+        assert model.native.pid == spare, "the spare took over"
+        assert model.native.spare_pid not in (None, first, spare), "and a new spare waits"
         np.testing.assert_array_equal(model.get_weights("conv1")[1], weights[1] + 0.5)
 
         with pytest.raises(BadRequest, match=r"shape \[20\], expected \[20, 1, 5, 5\]"):
@@ -157,6 +197,108 @@ def test_killed_worker_costs_one_request_and_keeps_set_weights(model_dir: Path) 
         with pytest.raises(BadRequest, match="no layer 'nope'"):
             model.get_weights("nope")
         model.run(x)  # errors leave the worker serving
+
+
+@needs_caffe
+def test_a_hung_worker_costs_one_504_then_a_new_worker_answers(tmp_path: Path, lenet_weights: Path) -> None:
+    model_dir = _model_dir(tmp_path, command=reference.python_command(), weights=lenet_weights, timeout_s="2")
+    x = _images(2, seed=6)
+    with load_runtime(load_config(model_dir)) as model:
+        before = model.run(x)["prob"]
+        hung = model.native.pid
+        os.kill(hung, signal.SIGSTOP)  # alive, holding its pipes, answering nothing
+        started = time.monotonic()
+        failed: list[BaseException] = []
+
+        def request() -> None:
+            try:
+                model.run(x)
+            except Exception as exc:
+                failed.append(exc)
+
+        caller = threading.Thread(target=request, daemon=True)
+        caller.start()
+        caller.join(60)
+        if caller.is_alive():  # fail rather than hang the suite: end the worker, then report
+            os.kill(hung, signal.SIGKILL)
+            caller.join()
+            pytest.fail("a request to a stopped worker hung past options.timeout_s")
+        waited = time.monotonic() - started
+        assert len(failed) == 1 and isinstance(failed[0], DeadlineExceeded), failed
+        assert re.search(r"did not answer run within 2 s.*restarted", str(failed[0])), failed[0]
+        assert failed[0].status == 504 and failed[0].reason == "MODEL_TIMEOUT"
+        assert 2 <= waited < 30, waited  # the deadline, not forever (generous: 2 cores are shared)
+        assert not alive(hung), "the hung worker was killed"
+        _assert_close(model.run(x)["prob"], before)
+        assert model.native.pid not in (None, hung) and model.native.restarts == 1
+
+
+@needs_caffe
+def test_a_worker_that_dies_at_start_up_is_retried_with_back_off(tmp_path: Path, lenet_weights: Path) -> None:
+    """The first start works; then every start dies until the flag file goes. Each attempt
+    appends its time to a file: attempts must be spaced out by the growing back-off, while
+    requests get an immediate 503 saying when the next attempt is, never a start of their
+    own (that would show as attempts closer together than the back-off)."""
+    flag, attempts = tmp_path / "refuse", tmp_path / "attempts"
+    wrapper = tmp_path / "python-or-die.sh"
+    wrapper.write_text(
+        f'if [ -e "{flag}" ]; then date +%s.%N >> "{attempts}"; echo "refusing to start" >&2; exit 3; fi\n'
+        f'exec {" ".join(reference.python_command())} "$@"\n'
+    )
+    model_dir = _model_dir(tmp_path, command=["sh", str(wrapper)], weights=lenet_weights)
+    x = _images(1, seed=7)
+
+    def times() -> list[float]:
+        return [float(t) for t in attempts.read_text().split()] if attempts.exists() else []
+
+    with load_runtime(load_config(model_dir)) as model:
+        before = model.run(x)["prob"]
+        first = model.native.pid
+        flag.touch()
+        os.kill(model.native.spare_pid, signal.SIGKILL)  # no spare to fall back on: every start is new
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(ModelUnavailable, match="killed by SIGKILL"):
+            model.run(x)
+        deadline = time.monotonic() + 60
+        replies: list[tuple[float, str]] = []
+        while len(times()) < 4:  # the attempts after waits of 0.5, 1 and 2 s
+            assert time.monotonic() < deadline, f"only {len(times())} start attempts in 60 s"
+            started = time.monotonic()
+            with pytest.raises(ModelUnavailable) as caught:
+                model.run(x)
+            replies.append((time.monotonic() - started, str(caught.value)))
+            time.sleep(0.02)
+        gaps = np.diff(times())
+        assert all(gap >= 0.9 * 0.5 * 2**k for k, gap in enumerate(gaps)), gaps
+        assert len(replies) > 20, "requests kept coming while it backed off"
+        assert any("next attempt in" in text and "refusing to start" in text for _, text in replies), replies
+        slowest = max(seconds for seconds, _ in replies)
+        assert slowest < 1.0, f"a request waited {slowest:.2f} s: it should get its 503 at once"
+        assert model.native.start_failures >= 4
+
+        flag.unlink()
+        deadline = time.monotonic() + 60  # the back-off is at 8 s by now
+        while True:
+            try:
+                answer = model.run(x)["prob"]
+                break
+            except ModelUnavailable:
+                assert time.monotonic() < deadline, "no worker after the cause went away"
+                time.sleep(0.1)
+        _assert_close(answer, before)
+        assert model.native.pid != first and model.native.start_failures == 0
+
+        # A successful start resets the back-off: the next failures wait 0.5 s again, not 16 s.
+        flag.touch()
+        seen = len(times())
+        os.kill(model.native.spare_pid, signal.SIGKILL)
+        os.kill(model.native.pid, signal.SIGKILL)
+        with pytest.raises(ModelUnavailable, match="killed by SIGKILL"):
+            model.run(x)
+        deadline = time.monotonic() + 10
+        while len(times()) < seen + 2:
+            assert time.monotonic() < deadline, "the back-off was not reset by the successful start"
+            time.sleep(0.05)
 
 
 @needs_caffe
@@ -193,18 +335,18 @@ def test_no_worker_outlives_its_runtime(model_dir: Path, ending: str) -> None:
         from seldon_caffe.config import load_config
         from seldon_caffe.runtimes import load_runtime
         model = load_runtime(load_config({str(model_dir)!r}))
-        print(model.native.pid, flush=True)
+        print(model.native.pid, model.native.spare_pid, flush=True)
         if {ending!r} == "close":
             model.close()
         elif {ending!r} == "SIGKILL":
             os.kill(os.getpid(), signal.SIGKILL)
     """
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=120)
-    pid = int(done.stdout.split()[0])
-    deadline = time.monotonic() + 10  # after SIGKILL the worker leaves on EOF, asynchronously
-    while _alive(pid) and time.monotonic() < deadline:
+    pids = [int(pid) for pid in done.stdout.split()[:2]]  # the worker and its spare
+    deadline = time.monotonic() + 10  # after SIGKILL the workers leave on EOF, asynchronously
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(pid), f"worker {pid} outlived its runtime ({ending})"
+    assert not any(alive(pid) for pid in pids), f"workers {pids} outlived their runtime ({ending})"
 
 
 @needs_caffe
@@ -254,46 +396,14 @@ def test_in_process_mode_where_import_caffe_works(model_dir: Path) -> None:
         assert done.returncode == 0, done.stderr[-2000:]
         with np.load(inside / "out.npz") as out:
             expected = reference.forward(model_dir / "deploy.prototxt", model_dir / "weights.caffemodel", {"data": x})
-            np.testing.assert_array_equal(out["first"], expected["prob"])
+            _assert_close(out["first"], expected["prob"])
             np.testing.assert_array_equal(out["w"], out["w0"] * 0.5)
             assert not np.array_equal(out["again"], out["first"])
     finally:
         shutil.rmtree(inside, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 # -- the real microservice -----------------------------------------------------------
-
-
-def _workers_of(ancestor: int) -> list[int]:
-    """pycaffe worker processes below `ancestor` (they run `python3 -c <worker source>`)."""
-    parents, found = {}, []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().split(") ")[-1].split()[1])
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            if len(argv) > 2 and argv[1] == b"-c" and b"The pycaffe worker" in argv[2]:
-                found.append(int(entry))
-    result = []
-    for pid in found:
-        p = pid
-        while p > 1 and p != ancestor:
-            p = parents.get(p, 1)
-        if p == ancestor:
-            result.append(pid)
-    return result
 
 
 @needs_caffe
@@ -304,9 +414,9 @@ def test_service_answers_like_real_caffe_and_survives_a_killed_worker(model_dir:
     with running_service(model_dir) as service:
         answer = service.post(payload)
         assert answer.status_code == 200, answer.text
-        np.testing.assert_array_equal(np.float32(answer.json()["data"]["ndarray"]), expected)
+        _assert_close(np.float32(answer.json()["data"]["ndarray"]), expected)
 
-        workers = _workers_of(service.process.pid)
+        workers = [pid for pid in process_tree(service.process.pid) if is_pycaffe_worker(pid)]
         assert workers, "no pycaffe worker below the service"
         statuses: list[int] = []
         killed = threading.Event()
@@ -322,7 +432,7 @@ def test_service_answers_like_real_caffe_and_survives_a_killed_worker(model_dir:
             reply = service.post(payload)
             statuses.append(reply.status_code)
             if reply.status_code == 200:
-                np.testing.assert_array_equal(np.float32(reply.json()["data"]["ndarray"]), expected)
+                _assert_close(np.float32(reply.json()["data"]["ndarray"]), expected)
             else:
                 assert reply.status_code == 503 and "killed by SIGKILL" in reply.text, reply.text
             assert len(statuses) < 5000, "no 503 seen"

@@ -11,7 +11,9 @@ import binascii
 import cv2
 import numpy as np
 
-from seldon_caffe import BadRequest
+from seldon_caffe import BadRequest, decode_image
+
+MAX_PIXELS = 4096 * 4096  # the image is shrunk to 28x28: anything larger is no better, only slower
 
 
 def preprocess(payload, ctx):
@@ -21,12 +23,14 @@ def preprocess(payload, ctx):
         except binascii.Error:
             raise BadRequest("strData must be a base64-encoded PNG or JPEG image") from None
     if isinstance(payload, bytes):
-        image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_GRAYSCALE)
-        if image is None:
-            raise BadRequest("binData is not an image OpenCV can decode (PNG, JPEG, BMP...)")
+        # decode_image reads the header first: a small file declaring a huge image is a 400.
+        image = decode_image(payload, cv2.IMREAD_GRAYSCALE, max_pixels=MAX_PIXELS)
         image = cv2.resize(image, (28, 28), interpolation=cv2.INTER_AREA)
         return (image.astype(np.float32) / 255.0)[None, None]
-    return np.asarray(payload, dtype=np.float32)  # an ndarray of shape (N, 1, 28, 28)
+    try:
+        return np.asarray(payload, dtype=np.float32)  # an ndarray of shape (N, 1, 28, 28)
+    except (TypeError, ValueError, OverflowError) as exc:  # strings, ragged lists, objects
+        raise BadRequest(f"expected numbers shaped (N, 1, 28, 28) or an image file; {exc}") from None
 
 
 def postprocess(outputs, ctx):

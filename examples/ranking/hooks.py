@@ -40,6 +40,7 @@ WIDE_DIM = 4096
 DEEP_FIELDS = {"age_band": 8, "gender": 4, "city": 32, "device": 4, "recent_category": 32, "category": 32, "brand": 128}
 DEEP_NUMBERS = ("log_price", "rating", "log_age_days", "age", "recent_is_category")
 DEEP_DIM = sum(DEEP_FIELDS.values()) + len(DEEP_NUMBERS)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def preprocess(payload: Any, ctx: Any) -> dict[str, np.ndarray]:
@@ -58,7 +59,8 @@ def postprocess(outputs: dict[str, np.ndarray], ctx: Any) -> dict[str, Any]:
     order = np.argsort(-scores, kind="stable")
     top_n = ctx.tags.get("top_n")
     if top_n is not None:
-        if isinstance(top_n, bool) or not isinstance(top_n, (int, float)) or top_n < 1 or top_n != int(top_n):
+        # Checked as a number first: int() of inf or NaN raises, and would be a 500.
+        if not _is_number(top_n) or top_n < 1 or top_n != int(top_n):
             raise BadRequest(f"tag top_n must be a positive whole number; got {top_n!r}")
         order = order[: int(top_n)]
     ids = ctx.item_ids
@@ -88,11 +90,24 @@ def _check(label: str, features: Mapping[str, Any], wanted: Mapping[str, str]) -
         if name not in features or features[name] is None:
             raise BadRequest(f"{label} is missing feature {name!r}; every one needs {', '.join(wanted)}")
         value = features[name]
-        is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if kind == "number" and not is_number:
+        if kind == "number" and not _is_number(value):
             raise BadRequest(f"{label}: feature {name!r} must be a number, got {value!r}")
+        if kind == "number" and abs(value) > FLOAT32_MAX:
+            # the net's inputs are float32: a larger number would reach it as Inf
+            raise BadRequest(f"{label}: feature {name!r} is out of range ({value:.3g}; at most {FLOAT32_MAX:.3g})")
         if kind == "text" and not isinstance(value, str):
             raise BadRequest(f"{label}: feature {name!r} must be a string, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float; not a bool. JSON can carry integers too large for a float
+    (10**400): math.isfinite raises OverflowError on those, so they are caught here."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def encode(user: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:

@@ -20,10 +20,14 @@ import cv2
 import numpy as np
 
 from seldon_caffe import BadRequest
+from seldon_caffe import decode_image as decode_file
 
 GRID = 8  # the net's input is 1x1x8x8
 INK = 0.2  # a pixel at 20% of the contrast range counts as ink when finding the digit
 DEFAULT_K = 3
+# The digit ends up 8x8: more pixels than this add nothing but memory and time, and a small
+# file can declare a huge image (a flat PNG compresses ~1000:1), so the header is checked first.
+MAX_PIXELS = 4096 * 4096
 
 
 def preprocess(payload: Any, ctx: Any) -> np.ndarray:
@@ -40,7 +44,8 @@ def postprocess(outputs: dict[str, np.ndarray], ctx: Any) -> dict[str, Any]:
 
 
 def decode_image(payload: Any) -> np.ndarray:
-    """The request's image as a 2-D grey array; a clear 400 when it is not an image.
+    """The request's image as a 2-D grey array; a clear 400 when it is not an image, or is
+    larger than MAX_PIXELS (4096x4096).
 
     Colour goes grey by luminance. A PNG with transparency is read by its alpha channel:
     a digit drawn on a transparent canvas has no other contrast (ink and "paper" can both
@@ -54,9 +59,9 @@ def decode_image(payload: Any) -> np.ndarray:
         raise BadRequest(
             f"expected an image file (PNG or JPEG) as binData, or base64 in strData; got {type(payload).__name__}"
         )
-    image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_UNCHANGED) if payload else None
-    if image is None:
-        raise BadRequest(f"the {len(payload)} bytes sent are not an image OpenCV can decode (send a PNG or JPEG)")
+    image = decode_file(payload, cv2.IMREAD_UNCHANGED, max_pixels=MAX_PIXELS)
+    if image.dtype.kind == "f" and not np.isfinite(image).all():  # float TIFFs can hold NaN/Inf
+        raise BadRequest("the image holds NaN or infinite pixel values: no digit to classify")
     if image.ndim == 3 and image.shape[2] == 4 and image[..., 3].min() < image[..., 3].max():
         return image[..., 3]  # drawn on a transparent canvas: the ink is where it is opaque
     if image.ndim == 3:
@@ -96,7 +101,7 @@ def top_k(value: Any) -> int:
     """The `k` tag as an int in 1..10, or a 400 saying what is allowed."""
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer like 10**400
         number = float("nan")
     if isinstance(value, bool) or not number.is_integer() or not 1 <= number <= 10:
         raise BadRequest(f"tag k must be a whole number from 1 to 10; got {value!r}")

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import BadRequest
 from . import _wire, caffe_pb2
 from ._geometry import Shape
 from .io import (
@@ -28,6 +29,12 @@ from .io import (
 from .params import param_shapes
 from .shapes import infer_shapes
 from .upgrade import upgrade_net
+
+
+class WeightsError(BadRequest, ValueError):
+    """get_weights / set_weights named a layer without weights or passed the wrong arrays:
+    the caller's mistake, so a request gets 400, as with pycaffe and tensorflow. Still a
+    ValueError for code that uses CaffeNet directly (the converters catch that)."""
 
 
 class LayerInfo(NamedTuple):
@@ -138,7 +145,7 @@ class CaffeNet:
     def _layer(self, layer: str) -> caffe_pb2.LayerParameter:
         if layer not in self._layer_params:
             known = ", ".join(self._layer_params) or "none"
-            raise ValueError(f"no layer with weights named {layer!r}; layers with weights: {known}")
+            raise WeightsError(f"no layer with weights named {layer!r}; layers with weights: {known}")
         return self._layer_params[layer]
 
     def weight_shapes(self, layer: str) -> list[Shape]:
@@ -154,12 +161,12 @@ class CaffeNet:
         return [array.copy() for array in self._weights[layer]]
 
     def set_weights(self, layer: str, arrays: Sequence[np.ndarray]) -> None:
-        """Replace the layer's learned blobs; counts and shapes must match (ValueError if not).
+        """Replace the layer's learned blobs; counts and shapes must match (WeightsError if not).
 
         Layers sharing a named param with this one see the new values too, as in Caffe.
         """
         param = self._layer(layer)
-        fitted = self._conform(layer, list(arrays), f"layer {layer!r} ({param.type})", ValueError)
+        fitted = self._conform(layer, list(arrays), f"layer {layer!r} ({param.type})", WeightsError)
         self._weights[layer] = fitted
         names = self._param_names(layer)
         for other in self._layer_params:

@@ -54,6 +54,7 @@ def load_runtime(config: ModelConfig) -> Runtime:
     name = resolve_runtime(config)
     runtime = runtime_class(name)(config)
     _apply_signature_overrides(runtime, config)
+    runtime.allow_non_finite = bool(config.options.get("allow_non_finite", False))
     return runtime
 
 

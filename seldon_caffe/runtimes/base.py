@@ -43,6 +43,9 @@ class Runtime(abc.ABC):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     native: Any = None
+    # NaN/Inf in a float input is a 400 unless model.yaml opts in (options.allow_non_finite):
+    # engines propagate them silently into answers that look valid.
+    allow_non_finite: bool = False
 
     def run(self, inputs: np.ndarray | Mapping[str, Any], outputs: Sequence[str] | None = None) -> Arrays:
         """Run the model: `inputs` is one array (single-input model) or {name: array}.
@@ -92,7 +95,11 @@ class Runtime(abc.ABC):
         missing = [name for name in specs if name not in inputs]
         if missing:
             raise BadRequest(f"missing input {missing[0]!r}; expected {self.signature()}")
-        return {name: _conform(specs[name], value) for name, value in inputs.items()}
+        feed = {name: _conform(specs[name], value) for name, value in inputs.items()}
+        if not self.allow_non_finite:
+            for name, array in feed.items():
+                _check_finite(name, array)
+        return feed
 
     def check_outputs(self, outputs: Sequence[str] | None) -> list[str]:
         known = [s.name for s in self.outputs]
@@ -132,3 +139,16 @@ def _castable(have: np.dtype, want: np.dtype) -> bool:
     if want.kind in "iu":
         return have.kind in "iu"
     return False
+
+
+def _check_finite(name: str, array: np.ndarray) -> None:
+    """A 400 naming the input when a float array holds NaN or Inf."""
+    if array.dtype.kind != "f" or np.isfinite(array).all():  # one pass over float inputs only
+        return
+    bad = ~np.isfinite(array)
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    kinds = " and ".join(k for k, hit in (("NaN", np.isnan(array).any()), ("Inf", np.isinf(array).any())) if hit)
+    raise BadRequest(
+        f"input {name!r} holds {int(bad.sum())} non-finite value(s) ({kinds}), the first at index {list(first)}; "
+        "send finite numbers, or set options.allow_non_finite: true in model.yaml if the model expects them"
+    )

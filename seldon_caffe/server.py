@@ -1,0 +1,368 @@
+"""The serving process: Seldon's REST, gRPC and metrics servers under one supervisor.
+
+`seldon-core-microservice` runs the REST server in its own process and then joins a
+non-daemon gRPC child. On SIGTERM, REST stops but the parent and the gRPC child stay up
+(answering `Broken pipe`), and a server that cannot bind its port leaves the others running.
+A pod in that state is neither serving nor restarted. So here the parent only supervises:
+
+- each server (REST, every gRPC worker, metrics) is a child process in a session of its own,
+  so a terminal's Ctrl-C reaches the parent alone, and each dies with the parent
+  (PR_SET_PDEATHSIG) even if the parent is SIGKILLed;
+- SIGTERM or SIGINT: every child is asked to drain (in-flight requests finish, up to
+  DRAIN_S), the parent waits, kills what is left at STOP_S, and exits 0;
+- a child that exits on its own (a port it cannot bind, a model that fails to load in a
+  worker) takes the whole service down: one line naming the server and its port, exit 1,
+  so Kubernetes restarts the pod instead of leaving half a service.
+
+The serving itself is Seldon's: its Flask app, its gRPC servicer and its metrics, so the wire
+format is exactly Seldon's. What we add: gunicorn's threaded worker (a slow client holds one
+thread, not the whole REST server), one request-size limit for REST and gRPC
+(limits.py), gRPC status codes that match the HTTP status, and tracebacks for every 500.
+Like model.py, this module knows Seldon; the rest of the package does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import asdict, dataclass
+from functools import partial
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from .errors import SeldonCaffeError
+from .limits import DEFAULT_MAX_REQUEST_BYTES
+
+logger = logging.getLogger(__name__)
+
+DRAIN_S = 8  # after SIGTERM, in-flight requests have this long to finish
+STOP_S = 9.5  # then every process of the service is gone (SIGKILL), well inside 10 s
+WORKER_TIMEOUT_S = 120  # gunicorn restarts a REST worker whose main loop is stuck this long
+_PR_SET_PDEATHSIG = 1
+
+# HTTP status -> the gRPC status code a client sees for it (DESIGN.md, "Errors")
+GRPC_CODES = {
+    400: "INVALID_ARGUMENT",
+    404: "NOT_FOUND",
+    413: "RESOURCE_EXHAUSTED",
+    415: "INVALID_ARGUMENT",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What `seldon-caffe serve` (and s2i's run, through it) starts; `main` takes it as JSON."""
+
+    model_dir: Path
+    runtime: str | None = None
+    http_port: int = 9000
+    grpc_port: int = 5000
+    metrics_port: int = 6000
+    workers: int = 1  # REST worker processes
+    threads: int = 4  # threads per REST worker: one slow client holds one of them
+    grpc_workers: int = 1
+    grpc_threads: int = 4
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "model_dir": str(self.model_dir)})
+
+    @classmethod
+    def from_json(cls, text: str) -> ServeOptions:
+        values = json.loads(text)
+        return cls(**{**values, "model_dir": Path(values["model_dir"])})
+
+
+@dataclass
+class _Child:
+    name: str
+    port: int
+    process: multiprocessing.process.BaseProcess
+
+    def describe(self) -> str:
+        return f"the {self.name} server (port {self.port})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m seldon_caffe.server OPTIONS_JSON`: what `seldon-caffe serve` execs into once
+    its check-load passed. A fresh interpreter matters: the check-load started the model's
+    engine (TensorFlow's and torch's thread pools), and engines do not survive the fork that
+    makes each server; this process never starts one."""
+    try:
+        return serve(ServeOptions.from_json((argv or sys.argv[1:])[0]))
+    except SeldonCaffeError as error:
+        print(f"seldon-caffe: error: {error}", file=sys.stderr)
+        return 1
+
+
+def serve(options: ServeOptions) -> int:
+    """Run the service until SIGTERM/SIGINT (exit 0) or until one of its servers dies (1).
+
+    The caller checks the ports first (check_ports), before its model check-load, so that a
+    taken port is reported at once.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s")
+    from seldon_core.metrics import SeldonMetrics
+
+    from .model import SeldonCaffeModel
+
+    # One metrics store for every server (Seldon's: a multiprocessing manager process).
+    metrics = SeldonMetrics(worker_id_func=os.getpid)
+    user = SeldonCaffeModel(str(options.model_dir), options.runtime)
+    fork = multiprocessing.get_context("fork")  # as Seldon does: the children share `metrics`
+
+    def server(name: str, port: int, run: Callable[..., None]) -> _Child:
+        return _Child(name, port, fork.Process(target=_child, args=(run, user, metrics, options)))
+
+    children = [server("REST", options.http_port, _run_rest)]
+    children += [server("gRPC", options.grpc_port, _run_grpc) for _ in range(options.grpc_workers)]
+    children.append(server("metrics", options.metrics_port, _run_metrics))
+
+    stop_signal = _StopSignal()
+    for child in children:
+        child.process.start()
+        logger.info("%s: pid %d", child.describe(), child.process.pid)
+    try:
+        failed = _supervise(children, stop_signal)
+    finally:
+        _stop_all(children)
+        with contextlib.suppress(Exception):
+            metrics._manager.shutdown()  # Seldon keeps no public handle on its manager process
+    if failed is not None:
+        code = failed.process.exitcode
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        print(f"seldon-caffe: error: {failed.describe()} {how}; the service stopped", file=sys.stderr, flush=True)
+        return 1
+    logger.info("stopped on %s", stop_signal.name)
+    return 0
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT in the parent: note it; the supervision loop does the rest."""
+
+    def __init__(self) -> None:
+        self.name = ""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.name = signal.Signals(signum).name
+
+    def __bool__(self) -> bool:
+        return bool(self.name)
+
+
+def _supervise(children: list[_Child], stop_signal: _StopSignal) -> _Child | None:
+    """Wait for a stop signal (None) or for a child to exit on its own (that child)."""
+    sentinels = {child.process.sentinel: child for child in children}
+    while not stop_signal:
+        ready = wait(list(sentinels), timeout=0.5)
+        if ready and not stop_signal:
+            return sentinels[ready[0]]
+    return None
+
+
+def _stop_all(children: list[_Child]) -> None:
+    """Ask every child to drain (SIGTERM), then kill whatever is left at STOP_S."""
+    deadline = time.monotonic() + STOP_S
+    for child in children:
+        if child.process.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.process.pid, signal.SIGTERM)
+    for child in children:
+        child.process.join(max(0.0, deadline - time.monotonic()))
+        if child.process.is_alive():
+            logger.error("%s did not stop within %.1f s: killed", child.describe(), STOP_S)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.process.pid, signal.SIGKILL)  # its session: gunicorn's workers too
+            child.process.join(1.0)
+
+
+def check_ports(options: ServeOptions) -> None:
+    """Fail start-up at once, naming the port, when one cannot be bound (gunicorn would retry
+    for 5 s, and gRPC, with SO_REUSEPORT, could even share a port with a stale server)."""
+    ports = {"REST": options.http_port, "gRPC": options.grpc_port, "metrics": options.metrics_port}
+    for name, port in ports.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError as exc:
+                why = "it is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+                raise SeldonCaffeError(f"cannot serve {name} on port {port}: {why}") from None
+
+
+# -- the children ---------------------------------------------------------------------
+
+
+def _child(run: Callable[..., None], user: Any, metrics: Any, options: ServeOptions) -> None:
+    """Every server's start: its own session (no terminal SIGINT: the parent decides), and
+    SIGTERM when the parent dies, however it dies."""
+    # The supervisor's handler came along with fork: a SIGTERM before this server installs
+    # its own (gunicorn's, our gRPC drain) must stop it, not be noted and lost.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        return
+    run(user, metrics, options)
+
+
+def _run_rest(user: Any, metrics: Any, options: ServeOptions) -> None:
+    from gunicorn import util
+    from seldon_core import wrapper
+    from seldon_core.gunicorn_utils import UserModelApplication, post_worker_init, worker_exit
+
+    util.write_error = _json_error_page  # the workers look it up there on every refusal
+
+    app = wrapper.get_rest_microservice(user, metrics)
+    app.config["MAX_CONTENT_LENGTH"] = options.max_request_bytes  # werkzeug answers 413 past it
+    app.register_error_handler(Exception, partial(_rest_error, user))  # Seldon's logs no traceback
+    settings = {
+        "bind": f"0.0.0.0:{options.http_port}",
+        "workers": options.workers,
+        # gthread: connections wait in a poller and each request gets a thread of its own, so
+        # a client trickling its body holds one thread while the others (and /health) answer.
+        "worker_class": "gthread",
+        "threads": options.threads,
+        "timeout": WORKER_TIMEOUT_S,
+        "graceful_timeout": DRAIN_S,
+        "keepalive": 5,
+        "post_worker_init": post_worker_init,
+        "worker_exit": partial(worker_exit, seldon_metrics=metrics),
+        "loglevel": "warning",
+    }
+    UserModelApplication(app, user, 0, None, "seldon_caffe.SeldonCaffeModel", options=settings).run()
+
+
+def _json_error_page(sock: socket.socket, status: int, reason: str, message: str) -> None:
+    """gunicorn's answer to a request it refuses before the app sees it (a request line over
+    4 KB, too many headers, bytes that are not HTTP): Seldon's JSON error, as every other
+    error is, instead of gunicorn's HTML page."""
+    from gunicorn import util
+    from seldon_core.flask_utils import SeldonMicroserviceException
+
+    error = SeldonMicroserviceException(f"{reason}: {message}", status_code=status)
+    body = json.dumps(error.to_dict()).encode()
+    head = f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    util.write_nonblock(sock, f"{head}Content-Length: {len(body)}\r\n\r\n".encode("latin1") + body)
+
+
+def _rest_error(user: Any, exc: Exception) -> Any:
+    from flask import jsonify
+
+    error = user.request_error(exc)
+    response = jsonify(error.to_dict())
+    response.status_code = error.status_code
+    return response
+
+
+def _run_metrics(_user: Any, metrics: Any, options: ServeOptions) -> None:
+    from seldon_core import wrapper
+    from seldon_core.gunicorn_utils import StandaloneApplication, post_worker_init
+
+    settings = {
+        "bind": f"0.0.0.0:{options.metrics_port}",
+        "workers": 1,
+        "graceful_timeout": 1,
+        "post_worker_init": post_worker_init,
+        "loglevel": "warning",
+    }
+    StandaloneApplication(wrapper.get_metrics_microservice(metrics), options=settings).run()
+
+
+def _run_grpc(user: Any, metrics: Any, options: ServeOptions) -> None:
+    server = grpc_server(user, metrics, options)
+    user.load()
+    address = f"0.0.0.0:{options.grpc_port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        logger.error("gRPC cannot bind %s", address)
+        sys.exit(1)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # from now on, SIGTERM drains
+    server.start()
+    logger.info("gRPC serving on %s", address)
+    while not stop.wait(1.0):
+        pass
+    server.stop(DRAIN_S).wait()  # refuses new calls, lets in-flight ones finish
+
+
+def grpc_server(user: Any, metrics: Any, options: ServeOptions) -> Any:
+    """Seldon's gRPC servicer behind our status-code interceptor, with the request limit
+    on messages in both directions (gRPC's own default is 4 MB)."""
+    from grpc_reflection.v1alpha import reflection
+    from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
+    from seldon_core.wrapper import SeldonModelGRPC
+
+    grpc_options = [
+        ("grpc.max_send_message_length", options.max_request_bytes),
+        ("grpc.max_receive_message_length", options.max_request_bytes),
+        # Several gRPC workers share the port; a single one must own it alone.
+        ("grpc.so_reuseport", int(options.grpc_workers > 1)),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=options.grpc_threads),
+        options=grpc_options,
+        interceptors=[StatusInterceptor(user)],
+    )
+    servicer = SeldonModelGRPC(user, metrics)
+    services = ("Generic", "Model", "Transformer", "OutputTransformer", "Combiner", "Router", "Seldon")
+    for service in services:  # every service Seldon's own server offers
+        getattr(prediction_pb2_grpc, f"add_{service}Servicer_to_server")(servicer, server)
+    names = [prediction_pb2.DESCRIPTOR.services_by_name[s].full_name for s in services]
+    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+    return server
+
+
+class StatusInterceptor(grpc.ServerInterceptor):
+    """A failed call ends with the status code matching its HTTP status and the same
+    message as over REST (gRPC's default for any exception is UNKNOWN)."""
+
+    def __init__(self, user: Any):
+        self.user = user
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        call = handler.unary_unary
+
+        def guarded(request: Any, context: Any) -> Any:
+            self.user.request_started()
+            try:
+                return call(request, context)
+            except Exception as exc:
+                error = self.user.request_error(exc)
+                code = getattr(grpc.StatusCode, GRPC_CODES.get(error.status_code, "INTERNAL"))
+                context.abort(code, error.message)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
