@@ -17,7 +17,7 @@ from typing import Any
 
 from . import convert, k8s, quantize, scaffold
 from .errors import SeldonCaffeError
-from .limits import DEFAULT_MAX_REQUEST_BYTES, MAX_REQUEST_BYTES_ENV
+from .limits import MAX_REQUEST_BYTES_ENV, max_request_bytes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-request-mb",
         type=float,
-        default=_env_int(MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES) / 2**20,
+        default=max_request_bytes() / 2**20,
         help="largest request (REST body, gRPC message, decoded payload) in MiB; default 64",
     )
     serve.add_argument("--runtime", help="override model.yaml's runtime")
