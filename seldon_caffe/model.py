@@ -227,13 +227,14 @@ def probe_metadata(model_dir: str, runtime: str | None = None) -> dict[str, Any]
 def _decode_error_blueprint(served: SeldonCaffeModel) -> Any:
     from flask import Blueprint, jsonify, request
     from seldon_core.flask_utils import get_request
+    from seldon_core.wrapper import PAYLOAD_PASSTHROUGH  # raw bodies: there is no message to check
 
     blueprint = Blueprint("seldon_caffe_errors", __name__)
 
     @blueprint.before_app_request
     def _new_request() -> None:
         served.request_started()
-        if request.endpoint in _MESSAGE_ENDPOINTS:
+        if request.endpoint in _MESSAGE_ENDPOINTS and not PAYLOAD_PASSTHROUGH:
             check_message(get_request())  # Flask caches the parsed body: Seldon reads it again for free
 
     def _answer(exc: Exception) -> Any:
