@@ -39,7 +39,14 @@ from urllib.parse import urlparse
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "benchmarks")]
 from _report import cpu_model  # noqa: E402
-from service import Service, children_map, is_pycaffe_worker, process_tree, running_service  # noqa: E402
+from service import (  # noqa: E402
+    Service,
+    children_map,
+    is_pycaffe_worker,
+    process_tree,
+    running_service,
+    strict_json,
+)
 
 OK = "OK"  # the outcome of a request answered 200 / gRPC OK with a body that parses
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -92,7 +99,7 @@ def rest_sender(url: str) -> Iterator[Callable[[], Sender]]:
             if response.status_code != 200:
                 return f"HTTP {response.status_code}"
             try:
-                json.loads(response.content, parse_constant=_refuse_constant)
+                strict_json(response.content)
             except ValueError:
                 return "HTTP 200, invalid JSON"
             return OK
@@ -145,10 +152,6 @@ def _no_answer(exc: Exception) -> str:
     if any(word in text for word in ("reset", "aborted", "RemoteDisconnected", "closed")):
         return "connection dropped"
     return type(exc).__name__
-
-
-def _refuse_constant(token: str) -> Any:
-    raise ValueError(f"invalid JSON token {token}")
 
 
 # -- load -------------------------------------------------------------------------------

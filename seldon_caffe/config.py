@@ -6,6 +6,7 @@ person reading it is deploying a model and has nothing else to go on.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,15 @@ class OptionReader:
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise self.problem(key, f"{value!r} is not an integer >= {minimum}")
         return value
+
+    def seconds(self, key: str, default: float) -> float:
+        value = self.options.get(key)
+        if value is None:
+            return default
+        # (int, float), not int | float: the in-process pycaffe test imports this on Python 3.9
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise self.problem(key, f"{value!r} is not a positive number of seconds")
+        return float(value)
 
 
 def _is_cuda_index(device: str) -> bool:

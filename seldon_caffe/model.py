@@ -7,6 +7,7 @@ right HTTP status, so the service answers 400/500/503 and keeps serving.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -225,7 +226,7 @@ def probe_metadata(model_dir: str, runtime: str | None = None) -> dict[str, Any]
 
 
 def _decode_error_blueprint(served: SeldonCaffeModel) -> Any:
-    from flask import Blueprint, jsonify, request
+    from flask import Blueprint, request
     from seldon_core.flask_utils import get_request
     from seldon_core.wrapper import PAYLOAD_PASSTHROUGH  # raw bodies: there is no message to check
 
@@ -237,15 +238,20 @@ def _decode_error_blueprint(served: SeldonCaffeModel) -> Any:
         if request.endpoint in _MESSAGE_ENDPOINTS and not PAYLOAD_PASSTHROUGH:
             check_message(get_request())  # Flask caches the parsed body: Seldon reads it again for free
 
-    def _answer(exc: Exception) -> Any:
-        error = served.request_error(exc)
-        response = jsonify(error.to_dict())
-        response.status_code = error.status_code
-        return response
-
     for kind in (*_DECODING_ERRORS, HTTPException):
-        blueprint.app_errorhandler(kind)(_answer)  # app-wide, and more specific than Seldon's own
+        # app-wide, and more specific than Seldon's own handlers
+        blueprint.app_errorhandler(kind)(functools.partial(rest_error_response, served))
     return blueprint
+
+
+def rest_error_response(served: SeldonCaffeModel, exc: Exception) -> Any:
+    """The Flask response for a request that raised `exc`: Seldon's JSON error, request_error's status."""
+    from flask import jsonify
+
+    error = served.request_error(exc)
+    response = jsonify(error.to_dict())
+    response.status_code = error.status_code
+    return response
 
 
 def check_message(message: Any) -> None:

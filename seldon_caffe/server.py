@@ -232,11 +232,13 @@ def _run_rest(user: Any, metrics: Any, options: ServeOptions) -> None:
     from seldon_core import wrapper
     from seldon_core.gunicorn_utils import UserModelApplication, post_worker_init, worker_exit
 
+    from .model import rest_error_response
+
     util.write_error = _json_error_page  # the workers look it up there on every refusal
 
     app = wrapper.get_rest_microservice(user, metrics)
     app.config["MAX_CONTENT_LENGTH"] = options.max_request_bytes  # werkzeug answers 413 past it
-    app.register_error_handler(Exception, partial(_rest_error, user))  # Seldon's logs no traceback
+    app.register_error_handler(Exception, partial(rest_error_response, user))  # Seldon's logs no traceback
     settings = {
         "bind": f"0.0.0.0:{options.http_port}",
         "workers": options.workers,
@@ -265,15 +267,6 @@ def _json_error_page(sock: socket.socket, status: int, reason: str, message: str
     body = json.dumps(error.to_dict()).encode()
     head = f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
     util.write_nonblock(sock, f"{head}Content-Length: {len(body)}\r\n\r\n".encode("latin1") + body)
-
-
-def _rest_error(user: Any, exc: Exception) -> Any:
-    from flask import jsonify
-
-    error = user.request_error(exc)
-    response = jsonify(error.to_dict())
-    response.status_code = error.status_code
-    return response
 
 
 def _run_metrics(_user: Any, metrics: Any, options: ServeOptions) -> None:

@@ -7,6 +7,7 @@ loaded and the gRPC port accepts connections, and stops the whole process group 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -86,6 +87,15 @@ def start_service(model_dir: Path, *extra_args: str, env: dict[str, str] | None 
             start_new_session=True,  # our own process group: stop() reaches gunicorn and gRPC children
         )
     return Service(process, *ports, log_path=log)
+
+
+def strict_json(content: str | bytes) -> Any:
+    """JSON as RFC 8259 has it: the NaN/Infinity tokens Python's json writes are a ValueError."""
+
+    def refuse(token: str) -> Any:
+        raise ValueError(f"invalid JSON token {token}")
+
+    return json.loads(content, parse_constant=refuse)
 
 
 def wait_ready(service: Service, timeout: float) -> None:

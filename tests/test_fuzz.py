@@ -30,7 +30,7 @@ from conftest import EXAMPLES, copy_model
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
-from service import Service, running_service
+from service import Service, running_service, strict_json
 
 PREDICTIONS = "/api/v1.0/predictions"
 # Cases per operation: the JSON predictions endpoint is what clients use, so most go there;
@@ -102,15 +102,6 @@ def model_dir(name: str, root: Path) -> Path:
 def service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     with running_service(model_dir(request.param, tmp_path_factory.mktemp("fuzz"))) as running:
         yield running
-
-
-def strict_json(content: bytes) -> Any:
-    """JSON as RFC 8259 has it: NaN/Infinity tokens (Python's json writes them) are invalid."""
-
-    def refuse(token: str) -> Any:
-        raise ValueError(f"invalid JSON token {token}")
-
-    return json.loads(content, parse_constant=refuse)
 
 
 def request_for(case: Any, base_url: str) -> dict[str, Any]:

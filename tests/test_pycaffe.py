@@ -101,7 +101,7 @@ def test_oracle_and_worker_run_caffe_in_the_same_blas_environment(monkeypatch: p
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "7")  # options.threads wins over this one
     monkeypatch.setenv("VIRTUAL_ENV", "/our/venv")
     monkeypatch.delenv("GLOG_minloglevel", raising=False)
-    oracle, worker = reference.chroot_env(threads=2), pycaffe_process._worker_env(2)
+    oracle, worker = reference.chroot_env(threads=2), pycaffe_process.caffe_env(2)
     for env in (oracle, worker):
         assert env["OPENBLAS_CORETYPE"] == "Haswell" and env["OPENBLAS_L2_SIZE"] == "524288"
         assert env["OPENBLAS_NUM_THREADS"] == env["OMP_NUM_THREADS"] == "2"

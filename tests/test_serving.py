@@ -24,7 +24,7 @@ import requests
 from conftest import REPO, copy_model
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 from seldon_core.utils import array_to_grpc_datadef
-from service import alive, free_port, process_tree, running_service, start_service, stop
+from service import alive, free_port, process_tree, running_service, start_service, stop, strict_json
 
 HOOKS = (REPO / "tests" / "data" / "serving_hooks.py").read_text()
 IMAGE = np.zeros((1, 1, 28, 28), np.float32)
@@ -65,11 +65,6 @@ def grpc_error(service, proto) -> grpc.RpcError:
 def post_nan(service, rest):
     """Python's json writes NaN as a bare token, as many clients do; requests refuses to."""
     return service.post(json.dumps(rest), headers={"Content-Type": "application/json"})
-
-
-def strict_json(text: str):
-    """JSON as the standard defines it: NaN/Infinity tokens are an error."""
-    return json.loads(text, parse_constant=lambda token: pytest.fail(f"invalid JSON token {token}"))
 
 
 def server_pid(service, name: str) -> int:

@@ -9,7 +9,6 @@ hangs (past `options.timeout_s`) so that it costs one request, not the service.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +28,8 @@ class PycaffeRuntime(Runtime):
     def __init__(self, config: ModelConfig):
         prototxt = config.files["prototxt"].read_bytes()
         weights = config.files["weights"].read_bytes()
-        timeout_s = _timeout_option(config)  # checked in either mode: a typo should not wait for a worker
+        # checked in either mode: a typo should not wait for a worker to show
+        timeout_s = OptionReader(config).seconds("timeout_s", DEFAULT_TIMEOUT_S)
         caffe, why = _import_caffe()
         command = config.options.get("pycaffe_command")
         if caffe is not None:
@@ -66,16 +66,6 @@ class PycaffeRuntime(Runtime):
 
     def close(self) -> None:
         self._backend.close()
-
-
-def _timeout_option(config: ModelConfig) -> float:
-    value = config.options.get("timeout_s")
-    if value is None:
-        return DEFAULT_TIMEOUT_S
-    # (int, float), not int | float: the in-process test imports this module on Python 3.9
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
-        raise OptionReader(config).problem("timeout_s", f"{value!r} is not a positive number of seconds")
-    return float(value)
 
 
 def _spec(item: dict[str, Any]) -> TensorSpec:

@@ -79,7 +79,7 @@ class WorkerProcess:
         self.label = label
         self.timeout_s = timeout_s
         self._files = [np.frombuffer(prototxt, np.uint8), np.frombuffer(weights, np.uint8)]
-        self._env = _worker_env(threads)
+        self._env = caffe_env(threads)
         self._lock = threading.Lock()
         self._weights_set: dict[str, list[np.ndarray]] = {}  # re-applied after a restart
         self._proc: subprocess.Popen | None = None
@@ -401,10 +401,6 @@ def caffe_env(threads: int, base: Mapping[str, str] | None = None) -> dict[str, 
     for name in THREAD_VARIABLES:
         env[name] = str(threads)
     return env
-
-
-def _worker_env(threads: int) -> dict[str, str]:
-    return caffe_env(threads)
 
 
 def _kill_group_now(proc: subprocess.Popen) -> None:
