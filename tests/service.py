@@ -1,7 +1,7 @@
 """Start the real microservice (`seldon-caffe serve`) on free ports and talk to it.
 
 Tests use `running_service(model_dir)`; it waits until Seldon's /health/status says the model
-loaded and the gRPC port accepts connections, and stops the whole process group afterwards.
+loaded and the gRPC and metrics ports accept connections, and stops the whole process group afterwards.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ def wait_ready(service: Service, timeout: float) -> None:
     while time.monotonic() < deadline:
         if service.process.poll() is not None:
             raise RuntimeError(f"service exited with {service.process.returncode}:\n{service.log()}")
-        if _http_ready(service) and _port_open(service.grpc_port):
+        # Each server starts on its own: the metrics one may still be importing when REST is up.
+        if _http_ready(service) and _port_open(service.grpc_port) and _port_open(service.metrics_port):
             return
         time.sleep(0.3)
     raise TimeoutError(f"service not ready after {timeout}s:\n{service.log()}")
