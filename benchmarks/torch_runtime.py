@@ -184,7 +184,7 @@ def measure(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     cuda = device.type == "cuda"
     torch.set_num_threads(args.threads)
     if cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index or 0)
         torch.backends.cudnn.benchmark = True  # ours turns it on too (options.cudnn_benchmark)
     rng = np.random.default_rng(0)
     rows = []

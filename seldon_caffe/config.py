@@ -28,7 +28,7 @@ FORMAT_FILES: dict[str, tuple[str, ...]] = {
 
 # format -> the runtimes that can serve it ("auto" is always allowed)
 FORMAT_RUNTIMES: dict[str, tuple[str, ...]] = {
-    "caffe": ("pycaffe", "opencv", "onnxruntime", "openvino", "tensorrt"),
+    "caffe": ("pycaffe", "opencv", "onnxruntime", "openvino", "torch", "tensorrt"),
     "onnx": ("onnxruntime", "openvino", "tensorrt"),
     "tensorflow": ("tensorflow", "onnxruntime", "openvino"),
     "torch": ("torch",),

@@ -1,4 +1,5 @@
-"""The onnxruntime and openvino runtimes against real BVLC Caffe, and through the real service.
+"""The runtimes that serve Caffe through its ONNX conversion against real BVLC Caffe, and
+through the real service: onnxruntime and openvino load the ONNX, torch rebuilds it in torch.fx.
 
 Conformance reuses tests/test_conformance.py's machinery unchanged: the same nets (every zoo
 net, every layer net), the same weights and inputs made by real Caffe, the same measure
@@ -41,15 +42,23 @@ from test_conformance import (
 from seldon_caffe import quantize, reference
 from seldon_caffe.config import load_config, parse_config
 from seldon_caffe.errors import ConfigError, ModelLoadError, SeldonCaffeError
-from seldon_caffe.runtimes import Runtime, load_runtime
+from seldon_caffe.runtimes import REGISTRY, Runtime, load_runtime
 
 RUNTIMES = ("onnxruntime", "openvino")
+# The runtimes that serve a Caffe net through its ONNX conversion (torch rebuilds it in torch.fx).
+CONVERTED = (*RUNTIMES, "torch")
 EXTRA_NETS = {p.stem: p for p in sorted((Path(__file__).parent / "onnx_layer_nets").glob("*.prototxt"))}
 ALL_NETS = {**NETS, **EXTRA_NETS}
 SERVED_NET = "lenet"
 INT8_NET = "squeezenet_v1_1"
 
 needs_caffe = pytest.mark.skipif(reference.unavailable_reason() is not None, reason=f"{reference.unavailable_reason()}")
+
+
+def needs_engine(runtime: str) -> None:
+    """Skip, saying why, where the runtime's engine (an optional extra) is not installed."""
+    install = REGISTRY[runtime][2]
+    pytest.importorskip(runtime, reason=f"the {runtime} runtime's engine is not installed (install {install})")
 
 
 class ExtraReference:
@@ -111,10 +120,11 @@ def onnx_runtimes(onnx_reference: Any) -> Iterator[Any]:
 
 
 @needs_caffe
-@pytest.mark.parametrize(("name", "runtime", "batch"), list(runtime_cases(ALL_NETS, RUNTIMES)))
+@pytest.mark.parametrize(("name", "runtime", "batch"), list(runtime_cases(ALL_NETS, CONVERTED)))
 def test_converted_net_matches_real_caffe(
     name: str, runtime: str, batch: int, onnx_reference: Any, onnx_runtimes: Any
 ) -> None:
+    needs_engine(runtime)
     expected = onnx_reference(name).net(name)["forward"][batch]
     model = onnx_runtimes(name, runtime)
     assert [s.name for s in model.inputs] == list(expected["inputs"])
@@ -138,9 +148,10 @@ def _model_dir(target: Path, name: str, weights: Path, runtime: str, **options: 
 
 
 @needs_caffe
-@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("runtime", CONVERTED)
 def test_service_answers_like_real_caffe(runtime: str, onnx_reference: Any, tmp_path: Path) -> None:
     """A zoo net converted on load, served by the real microservice over REST and gRPC."""
+    needs_engine(runtime)
     data_of = onnx_reference(SERVED_NET)
     reference_run = data_of.net(SERVED_NET)["forward"][4]
     (data,) = reference_run["inputs"].values()
@@ -194,8 +205,9 @@ def _lenet_dir(tmp_path: Path, runtime: str, **options: Any) -> Path:
     return _model_dir(tmp_path / f"lenet-{runtime}", "lenet", weights, runtime, **options)
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("runtime", CONVERTED)
 def test_conversion_is_cached_and_never_touches_user_files(runtime: str, tmp_path: Path) -> None:
+    needs_engine(runtime)
     model_dir = _lenet_dir(tmp_path, runtime)
     before = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
     with load_runtime(load_config(model_dir)) as first:
@@ -219,8 +231,9 @@ def test_unwritable_model_dir_falls_back_to_the_user_cache(tmp_path: Path, monke
         assert model.path.parent == tmp_path / "user-cache" / "seldon-caffe" / "onnx"
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("runtime", CONVERTED)
 def test_concurrent_runs_give_sequential_answers(runtime: str, tmp_path: Path) -> None:
+    needs_engine(runtime)
     from concurrent.futures import ThreadPoolExecutor
 
     inputs = [np.random.default_rng(i).standard_normal((i % 3 + 1, 1, 28, 28)).astype(np.float32) for i in range(24)]

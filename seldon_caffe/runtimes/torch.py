@@ -39,13 +39,13 @@ from ..convert.description import FILE_NAME as DESCRIPTION_FILE
 from ..convert.description import load_description
 from ..convert.torch import import_torch, load_saved, torch_file_kind
 from ..errors import BadRequest, ConfigError, ModelLoadError, SeldonCaffeError
-from .base import Arrays, Runtime, TensorSpec
+from .base import Arrays, Runtime, TensorSpec, check_finite
 
 logger = logging.getLogger(__name__)
 torch = import_torch()  # before anything imports triton: see import_torch
 
 REDUCED = {"fp16": torch.float16, "bf16": torch.bfloat16}
-KINDS = {"torchscript": "TorchScript archive", "exported_program": "ExportedProgram"}
+KINDS = {"torchscript": "TorchScript archive", "exported_program": "ExportedProgram", "caffe": "Caffe net"}
 MAX_GRAPHS = 16  # distinct input shapes captured; later ones run without a graph (each costs GPU memory)
 GRAPH_WARMUP = 3  # runs on a side stream before a capture: TorchScript optimises during its first runs
 # An error the model raises on an input that passed the signature (a size a layer cannot take,
@@ -64,6 +64,7 @@ class TorchOptions:
     channels_last: bool = False
     cuda_graphs: bool = False
     cudnn_benchmark: bool = True
+    tf32: bool = False
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> TorchOptions:
@@ -88,8 +89,11 @@ class TorchOptions:
         cuda_graphs = flag("cuda_graphs", False)
         if cuda_graphs and not on_cuda:
             raise problem("cuda_graphs", f"CUDA graphs need device cuda or cuda:N; device is {device}")
+        tf32 = flag("tf32", False)
+        if tf32 and (not on_cuda or precision != "fp32"):
+            raise problem("tf32", f"TF32 is a form of fp32 on a GPU; device is {device}, precision {precision}")
         threads, channels_last = int(options.get("threads", 2)), flag("channels_last", False)
-        return cls(device, precision, threads, channels_last, cuda_graphs, flag("cudnn_benchmark", True))
+        return cls(device, precision, threads, channels_last, cuda_graphs, flag("cudnn_benchmark", True), tf32)
 
 
 class TorchRuntime(Runtime):
@@ -100,12 +104,18 @@ class TorchRuntime(Runtime):
     def __init__(self, config: ModelConfig):
         self.options = TorchOptions.from_config(config)
         self.device = torch_device(self.options.device)
-        self.path = Path(config.files["torchscript"])
+        self.checks_finite_on_device = self.device.type == "cuda"
         torch.set_num_threads(self.options.threads)  # per process: the last model loaded sets it
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = self.options.cudnn_benchmark
-        self.kind = archive_kind(self.path)
-        module, program = load_module(self.path, self.kind, self.device)
+            set_cuda_precision(self.options)
+        if config.format == "caffe":
+            self.kind, program = "caffe", None
+            self.path, module, found = load_caffe(config, self.device)
+        else:
+            self.path = Path(config.files["torchscript"])
+            self.kind = archive_kind(self.path)
+            module, program = load_module(self.path, self.kind, self.device)
+            found = program_inputs(program) if program is not None else None
         self._dtype = REDUCED.get(self.options.precision)
         if self._dtype is not None:
             module = module.to(self._dtype)
@@ -115,13 +125,16 @@ class TorchRuntime(Runtime):
         described = config.model_dir / DESCRIPTION_FILE
         description = load_description(described) if described.is_file() else None
         self.max_batch = description.batch_size if description else 0
-        self.inputs = input_specs(config, description, program, self.path)
+        if description is not None:
+            found = _described(description.inputs)
+        self.inputs = input_specs(config, found, self.path)
         self._graphs: dict[tuple, tuple[list, list, Any]] | None = {} if self.options.cuda_graphs else None
         self._graph_lock = threading.Lock()
         self._picks: list[tuple[Any, torch.dtype]] = []
         self.outputs = self._warm_up(config, description)
-        extras = "".join(f", {k}" for k in ("channels_last", "cuda_graphs") if getattr(self.options, k))
-        how = f"{KINDS[self.kind]} {self.path.name} on {self.device}, {self.options.precision}{extras}"
+        extras = "".join(f", {k}" for k in ("channels_last", "cuda_graphs", "tf32") if getattr(self.options, k))
+        served = config.files.get("weights", self.path).name  # a Caffe net: its caffemodel, not the cache
+        how = f"{KINDS[self.kind]} {served} on {self.device}, {self.options.precision}{extras}"
         logger.info("torch %s: %s; %s", torch.__version__, how, self.signature())
 
     # -- requests ---------------------------------------------------------------------
@@ -138,7 +151,7 @@ class TorchRuntime(Runtime):
         try:
             with torch.inference_mode():
                 results = self._replay(arrays) if self._graphs is not None else self._eager(arrays)
-        except torch.cuda.OutOfMemoryError:
+        except (torch.cuda.OutOfMemoryError, BadRequest):
             raise
         except (RuntimeError, ValueError, IndexError, AssertionError) as exc:
             message = engine_message(exc)
@@ -150,7 +163,16 @@ class TorchRuntime(Runtime):
 
     def _eager(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         tensors = [torch.from_numpy(array).to(self.device) for array in arrays]
+        self._check_uploaded(tensors, arrays)
         return [t.cpu() for t in self._compute(tensors)]
+
+    def _check_uploaded(self, tensors: list[torch.Tensor], arrays: list[np.ndarray]) -> None:
+        """NaN/Inf, checked on the GPU (base.check_inputs leaves it to us there)."""
+        if not self.checks_finite_on_device or self.allow_non_finite:
+            return
+        for spec, tensor, array in zip(self.inputs, tensors, arrays, strict=True):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                check_finite(spec.name, array)  # the host pass, only to say where
 
     def _compute(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Device tensors in the signature's dtypes -> the outputs, cast to their declared dtypes."""
@@ -179,11 +201,13 @@ class TorchRuntime(Runtime):
             static_in, static_out, cuda_graph = graph
             for buffer, array in zip(static_in, arrays, strict=True):
                 buffer.copy_(torch.from_numpy(array))
+            self._check_uploaded(static_in, arrays)
             cuda_graph.replay()
             return [t.cpu() for t in static_out]  # copied out before the next request may replay
 
     def _capture(self, arrays: list[np.ndarray]) -> tuple[list, list, Any]:
         static_in = [torch.from_numpy(array).to(self.device) for array in arrays]
+        self._check_uploaded(static_in, arrays)  # a capture on NaN would still be a good graph; the request is not
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
@@ -297,16 +321,44 @@ def load_module(path: Path, kind: str, device: torch.device) -> tuple[Any, Any]:
     return program.module(), program
 
 
+def load_caffe(config: ModelConfig, device: torch.device) -> tuple[Path, Any, list[dict[str, Any]]]:
+    """A Caffe net's ONNX conversion, that net as a torch module on `device`, and its inputs.
+
+    The module is built from the net's ONNX conversion (seldon_caffe/caffe/to_torch.py), the
+    one the onnxruntime and openvino runtimes load and cache: converted once per prototxt and
+    caffemodel, never written beside the user's files. Outputs keep their Caffe top names.
+    """
+    import onnx
+
+    from ..caffe.to_torch import onnx_to_torch
+    from ._onnx_source import converted_caffe_model, tensor_spec
+
+    path = converted_caffe_model(config)
+    model = onnx.load(path)
+    module = onnx_to_torch(model).to(device)
+    inputs = []
+    for value in model.graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+        spec = tensor_spec(value.name, "float32", dims)
+        inputs.append({"name": spec.name, "dtype": spec.dtype, "shape": list(spec.shape)})
+    return path, module, inputs
+
+
+def set_cuda_precision(options: TorchOptions) -> None:
+    """Process-wide CUDA settings. fp32 means fp32: TF32 (a 10-bit mantissa), which torch lets
+    cuDNN use for convolutions by default, is used only when `options.tf32` asks for it."""
+    torch.backends.cudnn.benchmark = options.cudnn_benchmark
+    torch.backends.cudnn.allow_tf32 = options.tf32
+    torch.backends.cuda.matmul.allow_tf32 = options.tf32
+
+
 # -- the signature ------------------------------------------------------------------------
 
 
-def input_specs(config: ModelConfig, description: Any, program: Any, path: Path) -> list[TensorSpec]:
-    """model.yaml `inputs`, over config.txt's or the ExportedProgram's; in forward()'s order."""
-    if description is not None:
-        base = _described(description.inputs)
-    else:
-        base = program_inputs(program) if program is not None else None
-    entries = merge(base, config.inputs, "inputs", config)
+def input_specs(config: ModelConfig, found: list[dict[str, Any]] | None, path: Path) -> list[TensorSpec]:
+    """model.yaml `inputs` over those `found` (config.txt's, the ExportedProgram's or the Caffe
+    net's); in forward()'s order."""
+    entries = merge(found, config.inputs, "inputs", config)
     if not entries:
         raise ModelLoadError(
             f"{path}: a TorchScript file records no input names or shapes; add them to {config.source} in "
