@@ -7,7 +7,9 @@ are printed as one line, `seldon-caffe: error: ...`, with exit status 1, never a
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import logging
 import os
 import sys
 import traceback
@@ -15,13 +17,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import convert, k8s, quantize, scaffold
+from . import convert, k8s, quantize, scaffold, weights
 from .errors import SeldonCaffeError
 from .limits import MAX_REQUEST_BYTES_ENV, max_request_bytes
+from .paths import check_output_path
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seldon-caffe", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser(
@@ -49,25 +53,36 @@ def build_parser() -> argparse.ArgumentParser:
         default=max_request_bytes() / 2**20,
         help="largest request (REST body, gRPC message, decoded payload) in MiB; default 64",
     )
-    serve.add_argument("--runtime", help="override model.yaml's runtime")
+    add_runtime_option(serve)
+    serve.add_argument(
+        "--verbose", action="store_true", help="also Seldon's, Flask's and gunicorn's start-up logs, per process"
+    )
     serve.set_defaults(handler=serve_command)
 
-    predict = sub.add_parser("predict", help="answer one request without a server; prints JSON")
+    predict = sub.add_parser(
+        "predict",
+        help="answer one request without a server",
+        description="Answer one request as the REST endpoint would, without a server. A JSON answer is "
+        "printed; a binary one (arrays as .npy/.npz) is summarised: each array's name, dtype, shape and, for "
+        "a 2-D float array, its top 5 per row. --out writes the answer itself.",
+    )
     predict.add_argument("model_dir", type=Path)
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help='a Seldon JSON message, e.g. \'{"data": {"ndarray": [[1, 2]]}}\'')
     source.add_argument("--file", type=Path, help="a .json Seldon message, or any other file sent as binData")
-    predict.add_argument("--runtime", help="override model.yaml's runtime")
+    add_runtime_option(predict)
+    predict.add_argument("--out", type=Path, help="write the answer to this file (binary answers: the raw bytes)")
     predict.add_argument("--traceback", action="store_true", help="on an error, show where it was raised")
     predict.set_defaults(handler=predict_command)
 
     inspect = sub.add_parser("inspect", help="show the signature, runtime and hooks of a model directory")
     inspect.add_argument("model_dir", type=Path)
-    inspect.add_argument("--runtime", help="override model.yaml's runtime")
+    add_runtime_option(inspect)
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(handler=inspect_command)
 
     scaffold.register(sub)
+    weights.register(sub)
     k8s.register(sub)
     convert.register(sub)
     quantize.register(sub)
@@ -78,7 +93,7 @@ def serve_command(args: argparse.Namespace) -> int:
     """Check the ports and that the model loads, then become the service (server.py) until
     SIGTERM/SIGINT."""
     from .model import METADATA_ENV, MODEL_DIR_ENV, SeldonCaffeModel, seldon_parameter
-    from .server import ServeOptions, check_ports
+    from .server import ServeOptions, check_ports, configure_logging
 
     model_dir = (args.model_dir or Path(seldon_parameter("model_dir") or SeldonCaffeModel().model_dir)).resolve()
     counts = {name: getattr(args, name) for name in ("workers", "threads", "grpc_workers", "grpc_threads")}
@@ -95,8 +110,10 @@ def serve_command(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         max_request_bytes=max_request_bytes,
+        verbose=args.verbose,
         **counts,
     )
+    configure_logging(args.verbose)  # the check-load below logs conversions it caches
     check_ports(options)  # before the model load below, which can take a while
     # Every process of the service (and the hooks' payload checks) reads the same limit.
     os.environ[MAX_REQUEST_BYTES_ENV] = str(max_request_bytes)
@@ -129,25 +146,66 @@ def predict_command(args: argparse.Namespace) -> int:
         request = _parse_request(_read(args.file).decode(), str(args.file))
     else:
         request = _read(args.file)
-    print(json.dumps(predict_once(args.model_dir, request, args.runtime)))
+    if args.out is not None:
+        check_output_path(args.out)
+    # This command reports a failed request itself (one line, or --traceback); the server's log
+    # line for it would say the same thing twice.
+    logging.getLogger("seldon_caffe.model").disabled = True
+    answer = predict_once(args.model_dir, request, args.runtime)
+    binary = base64.b64decode(answer["binData"]) if isinstance(answer.get("binData"), str) else None
+    if args.out is not None:
+        args.out.write_bytes(binary if binary is not None else json.dumps(answer).encode() + b"\n")
+    print(summarize_arrays(binary) if binary is not None else json.dumps(answer))
     return 0
 
 
-def inspect_command(args: argparse.Namespace) -> int:
-    from .model import describe, warnings_for
+def summarize_arrays(data: bytes, top: int = 5) -> str:
+    """What a binary answer holds: each array's name, dtype and shape; top-k per row of a 2-D float array."""
+    import io
 
-    warnings = warnings_for(args.model_dir, args.runtime)
+    import numpy as np
+
+    try:
+        loaded = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError:
+        return f"a binary answer of {len(data)} bytes that is not .npy/.npz (--out FILE saves it)"
+    arrays = dict(loaded.items()) if isinstance(loaded, np.lib.npyio.NpzFile) else {"answer": loaded}
+    lines = []
+    for name, array in arrays.items():
+        lines.append(f"{name}: {array.dtype}{list(array.shape)}")
+        if array.ndim == 2 and array.dtype.kind == "f":
+            for i, row in enumerate(array[:10]):
+                best = np.argsort(row)[::-1][:top]
+                lines.append(f"  row {i}: " + ", ".join(f"{int(k)}={row[k]:.4g}" for k in best))
+            if len(array) > 10:
+                lines.append(f"  ... {len(array) - 10} more rows (--out FILE saves them all)")
+    return "\n".join(lines)
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    from .advice import served_file, settings_warnings
+    from .config import load_config
+    from .model import describe, warnings_for
+    from .runtimes import resolve_runtime
+
+    # Warn before loading, so a setting the runtime ignores is reported even if the load fails.
+    config = load_config(args.model_dir, args.runtime)
+    warnings = warnings_for(args.model_dir, args.runtime) + settings_warnings(config, resolve_runtime(config))
     for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"seldon-caffe: warning: {warning}", file=sys.stderr)
     info = {**describe(args.model_dir, args.runtime), "warnings": warnings}
+    info["precision"] = config.options["precision"]
+    info["loaded_file"] = str(served_file(config, info["runtime"]))  # e.g. the cached ONNX of a Caffe net
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"model     {info['name']} ({info['format']})")
     asked = "" if info["runtime_asked"] == info["runtime"] else f" (model.yaml: {info['runtime_asked']})"
     print(f"runtime   {info['runtime']}{asked}")
+    print(f"precision {info['precision']}")
     for key, path in info["files"].items():
         print(f"file      {key}: {path}")
+    print(f"file      loaded: {info['loaded_file']}")
     for direction in ("inputs", "outputs"):
         for spec in info[direction]:
             dims = ", ".join("N" if d == -1 else str(d) for d in spec["shape"])
@@ -155,6 +213,25 @@ def inspect_command(args: argparse.Namespace) -> int:
     hooks = ", ".join(info["hooks"]) or "none (defaults)"
     print(f"hooks     {hooks}" + (f" from {info['hooks_file']}" if info["hooks_file"] else ""))
     return 0
+
+
+def add_runtime_option(parser: argparse.ArgumentParser) -> None:
+    """--runtime, with its choices listed (a wrong one is the command line's fault, not model.yaml's)."""
+    from .runtimes import REGISTRY
+
+    choices = ("auto", *REGISTRY)
+    parser.add_argument(
+        "--runtime", choices=choices, metavar="RUNTIME", help=f"override model.yaml's runtime: {', '.join(choices)}"
+    )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("seldon-caffe")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -188,6 +265,9 @@ def _read(path: Path) -> bytes:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # TensorFlow (which seldon-core imports whenever it is installed) prints oneDNN and CPU
+    # feature notices in every process at its default level; warnings and errors still show.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = None
     try:
         args = build_parser().parse_args(argv)

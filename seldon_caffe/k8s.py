@@ -19,12 +19,16 @@ import argparse
 import re
 import sys
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import advice
+from .config import FORMAT_RUNTIMES
 from .errors import SeldonCaffeError
+from .paths import check_output_path
 
 API_VERSION = "machinelearning.seldon.io/v1"
 MODEL_MOUNT = "/mnt/models"  # where Seldon's storage initializer puts modelUri
@@ -33,6 +37,12 @@ STORAGE_INITIALIZER = "seldonio/rclone-storage-initializer:1.17.1"
 GPU_RESOURCE = "nvidia.com/gpu"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE])?$")
+# Kubernetes quantity suffixes as powers: binary (Ki = 1024) and decimal (m = 10**-3)
+_BINARY_SUFFIX = {f"{s}i": 10 * (i + 1) for i, s in enumerate("KMGTPE")}
+_DECIMAL_SUFFIX = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+# A storage URI: a scheme of two or more letters (one letter is a Windows drive), then a
+# location: gs://, s3://, pvc://, https://, or rclone's REMOTE:PATH. Not a path on this machine.
+_STORAGE_URI = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]+):[^\s]")
 
 
 class K8sError(SeldonCaffeError):
@@ -246,15 +256,18 @@ def k8s_command(args: argparse.Namespace) -> int:
     """Build the manifest for the parsed command line; print it or write it to -o."""
     if args.storage_secret and not args.model_uri:
         raise K8sError("--storage-secret only makes sense with --model-uri")
-    if args.output and args.output.exists() and not args.force:
-        raise K8sError(f"{args.output} exists; pass --force to replace it")
+    if args.output:
+        check_output_path(args.output)  # its folder must exist: a typo should not create folders
+        if args.output.exists() and not args.force:
+            raise K8sError(f"{args.output} exists; pass --force to replace it")
+    check_requests_limits("--cpu", args.cpu)
+    check_requests_limits("--memory", args.memory)
+    if args.model_uri:
+        check_storage_uri(args.model_uri)
     model = read_model_yaml(args.model_dir)
-    if args.gpu and str(model.get("options", {}).get("device", "cpu")) == "cpu":
-        print(
-            f"seldon-caffe: warning: {args.model_dir / 'model.yaml'} has options.device cpu, so the GPU "
-            "would sit idle; set device: cuda and build with s2i/Dockerfile.gpu",
-            file=sys.stderr,
-        )
+    check_runtime(model, args.runtime)
+    for line in advice_lines(args.model_dir, model, args.runtime, args.gpu):
+        print(f"seldon-caffe: {line}", file=sys.stderr)
     spec = DeploySpec(
         name=args.name or str(model.get("name") or args.model_dir.resolve().name),
         image=args.image,
@@ -275,10 +288,67 @@ def k8s_command(args: argparse.Namespace) -> int:
     if args.output is None:
         sys.stdout.write(text)
         return 0
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
+
+
+def check_requests_limits(option: str, value: tuple[str, str]) -> None:
+    """The API server refuses a request above its limit; say so before anything is written."""
+    request, limit = value
+    if quantity(request) > quantity(limit):
+        raise K8sError(f"{option} {request}:{limit}: the request must be <= the limit (REQ[:LIMIT])")
+
+
+def quantity(text: str) -> Decimal:
+    """A Kubernetes quantity ('500m', '2', '1Gi') as a number, exactly, to compare two of them."""
+    match = _QUANTITY.match(text)
+    if not match:
+        raise K8sError(f"{text!r} is not a Kubernetes quantity (e.g. 500m, 2, 1Gi)")
+    number, suffix = Decimal(match.group(1)), match.group(3) or ""
+    if suffix in _BINARY_SUFFIX:
+        return number * 2 ** _BINARY_SUFFIX[suffix]
+    return number.scaleb(_DECIMAL_SUFFIX[suffix])
+
+
+def check_storage_uri(uri: str) -> None:
+    """--model-uri is fetched inside the pod, where a path on this machine means nothing."""
+    match = _STORAGE_URI.match(uri)
+    if not match or match.group("scheme").lower() == "file":
+        raise K8sError(
+            f"--model-uri {uri}: expected a storage URI (gs://BUCKET/PATH, s3://BUCKET/PATH, pvc://CLAIM/PATH, "
+            "https://..., or rclone's REMOTE:PATH), not a local path; upload the model directory, or build it "
+            "into the image"
+        )
+
+
+def check_runtime(model: dict[str, Any], runtime: str | None) -> None:
+    """--runtime becomes a Seldon parameter read only in the pod: check it against the format now."""
+    fmt = model.get("format", "caffe")
+    if runtime and fmt in FORMAT_RUNTIMES and runtime not in ("auto", *FORMAT_RUNTIMES[fmt]):
+        allowed = ", ".join(("auto", *FORMAT_RUNTIMES[fmt]))
+        raise K8sError(f"--runtime {runtime} cannot serve format {fmt}; allowed: {allowed}")
+
+
+def advice_lines(model_dir: Path, model: dict[str, Any], runtime: str | None, gpus: int) -> list[str]:
+    """Warnings about settings the pod would ignore, and the builder image its runtime needs.
+
+    Nothing without a model.yaml: the model then comes from --model-uri and is unknown here.
+    """
+    config = advice.model_settings(model_dir.resolve(), model, runtime) if model else None
+    if config is None:
+        return []
+    name = advice.image_runtime(config)
+    lines = [f"warning: {text}" for text in advice.settings_warnings(config, name, gpus)]
+    image = advice.builder(config, name)
+    if image.note:
+        lines.append(f"note: runtime {name}: {image.note}")
+    elif not image.is_default:
+        lines.append(
+            f"note: runtime {name} needs its engine in the builder image: {image.command()} "
+            f"(from the seldon-caffe repository), then s2i build {model_dir} {image.tag} IMAGE"
+        )
+    return lines
 
 
 def read_model_yaml(model_dir: Path) -> dict[str, Any]:

@@ -103,7 +103,7 @@ class SeldonCaffeModel:
         context.state = hooks.setup(context)
         self.hooks, self.context = hooks, context
         self.model = model  # last: health turns ready only once everything above worked
-        logger.info("loaded %s with runtime %s; %s", config.name, model.name, model.signature())
+        logger.debug("loaded %s with runtime %s; %s", config.name, model.name, model.signature())
 
     def health_status(self) -> dict[str, Any]:
         if self.model is None:

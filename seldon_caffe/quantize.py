@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SeldonCaffeError
+from .paths import check_output_path
 from .runtimes import REGISTRY
 
 Sample = dict[str, np.ndarray]
@@ -54,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def quantize_command(args: argparse.Namespace) -> int:
+    check_output_path(args.output)
     _require("onnx", "onnxruntime")
     inputs = model_inputs(args.model)
     if args.calibration == "random":

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import yaml
 
-from . import k8s
+from . import advice, k8s
 from .config import FORMAT_FILES
 from .errors import SeldonCaffeError
+from .paths import check_output_dir
 
 TEMPLATES_ENV = "SELDON_CAFFE_TEMPLATES"
 MANIFEST = Path("deploy/seldondeployment.yaml")
@@ -69,7 +70,10 @@ class Plan:
 
 
 def init_model_dir(target: Path, fmt: str | None = None, sources: list[Path] | None = None) -> Plan:
-    """Create the model directory `target`; return what was written. Raises InitError."""
+    """Create the model directory `target`; return what was written. Raises InitError.
+
+    Its parent must exist: a mistyped path should not quietly grow a tree of folders."""
+    check_output_dir(target)
     plan = plan_init(target, fmt, sources or [])
     conflicts = [rel for rel in plan.paths() if _conflicts(plan, rel)]
     if conflicts:
@@ -156,7 +160,12 @@ def _model_files(sources: list[Path], fmt: str | None) -> tuple[str, dict[str, s
     for key in FORMAT_FILES[fmt]:
         candidates = sorted(str(rel) for rel, role in roles.items() if role == (fmt, key))
         if not candidates:
-            raise InitError(f"--from: format {fmt} needs a file for files.{key} ({_wants(fmt, key)}); none given")
+            hint = ""
+            if (fmt, key) == ("caffe", "weights"):  # a bare prototxt: random weights still serve
+                given = [copies[rel] for rel, role in roles.items() if role == ("caffe", "prototxt")]
+                make = f"seldon-caffe weights {given[0] if given else 'deploy.prototxt'} -o weights.caffemodel"
+                hint = f"; without trained weights, make random ones: {make}"
+            raise InitError(f"--from: format {fmt} needs a file for files.{key} ({_wants(fmt, key)}); none given{hint}")
         if len(candidates) > 1:
             raise InitError(f"--from: several files could be files.{key}: {', '.join(candidates)}; give only one")
         files[key] = candidates[0]
@@ -197,7 +206,7 @@ def _write(plan: Plan) -> None:
     created: list[Path] = []
     try:
         if not plan.target.exists():
-            plan.target.mkdir(parents=True)
+            plan.target.mkdir()
             created.append(plan.target)
         for rel in plan.paths():
             dest = plan.target / rel
@@ -286,5 +295,27 @@ def init_command(args: argparse.Namespace) -> int:
         print("next:")
     print(f"  seldon-caffe inspect {plan.target}")
     print(f"  seldon-caffe serve {plan.target}")
-    print(f"  s2i build {plan.target} seldon-caffe-s2i:0.1.0 {k8s.dns_name(plan.target.resolve().name)}:0.1.0")
+    image = builder_for(plan)
+    if image.note:
+        print(f"  ({image.note})")
+    elif not image.is_default:
+        print(f"  {image.command()}    # in the seldon-caffe repository: the builder with the model's engine")
+    print(f"  s2i build {plan.target} {image.tag} {k8s.dns_name(plan.target.resolve().name)}:0.1.0")
     return 0
+
+
+def builder_for(plan: Plan) -> advice.Builder:
+    """The builder image the new directory's runtime needs; its warnings go to stderr.
+
+    Read back from the model.yaml just written: with --from it may be the user's own.
+    """
+    try:
+        config = advice.model_settings(plan.target.resolve(), k8s.read_model_yaml(plan.target))
+    except k8s.K8sError:  # the user's own model.yaml, not valid YAML: `inspect`, the next step, says why
+        config = None
+    if config is None:
+        return advice.Builder()
+    name = advice.image_runtime(config)
+    for warning in advice.settings_warnings(config, name):
+        print(f"seldon-caffe: warning: {warning}", file=sys.stderr)
+    return advice.builder(config, name)

@@ -48,7 +48,7 @@ import grpc
 from .errors import SeldonCaffeError
 from .limits import DEFAULT_MAX_REQUEST_BYTES
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("seldon_caffe.server")  # also when run as __main__
 
 DRAIN_S = 8  # after SIGTERM, in-flight requests have this long to finish
 STOP_S = 9.5  # then every process of the service is gone (SIGKILL), well inside 10 s
@@ -81,6 +81,7 @@ class ServeOptions:
     grpc_workers: int = 1
     grpc_threads: int = 4
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    verbose: bool = False  # Seldon's, Flask's and gunicorn's start-up logs, and each process's own
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "model_dir": str(self.model_dir)})
@@ -119,13 +120,16 @@ def serve(options: ServeOptions) -> int:
     The caller checks the ports first (check_ports), before its model check-load, so that a
     taken port is reported at once.
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s")
+    configure_logging(options.verbose)
     from seldon_core.metrics import SeldonMetrics
 
     from .model import SeldonCaffeModel
 
-    # One metrics store for every server (Seldon's: a multiprocessing manager process).
-    metrics = SeldonMetrics(worker_id_func=os.getpid)
+    # One metrics store for every server (Seldon's: a multiprocessing manager process). It is
+    # started with SIGINT/SIGTERM ignored: a terminal's Ctrl-C reaches the whole process group,
+    # and the servers' exit hooks still write to it while they drain; it is shut down below.
+    with _signals_ignored(signal.SIGINT, signal.SIGTERM):
+        metrics = SeldonMetrics(worker_id_func=os.getpid)
     user = SeldonCaffeModel(str(options.model_dir), options.runtime)
     fork = multiprocessing.get_context("fork")  # as Seldon does: the children share `metrics`
 
@@ -139,7 +143,8 @@ def serve(options: ServeOptions) -> int:
     stop_signal = _StopSignal()
     for child in children:
         child.process.start()
-        logger.info("%s: pid %d", child.describe(), child.process.pid)
+        logger.debug("%s: pid %d", child.describe(), child.process.pid)
+    threading.Thread(target=_announce_ready, args=(options, children), daemon=True).start()
     try:
         failed = _supervise(children, stop_signal)
     finally:
@@ -153,6 +158,52 @@ def serve(options: ServeOptions) -> int:
         return 1
     logger.info("stopped on %s", stop_signal.name)
     return 0
+
+
+def configure_logging(verbose: bool) -> None:
+    """Quiet by default: the service's own lines (what it serves, when it is ready, conversions
+    cached, every failed request). `verbose` adds Seldon's and Flask's start-up dumps and each
+    process's own progress."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s",
+    )
+    logging.getLogger("seldon_caffe").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+@contextlib.contextmanager
+def _signals_ignored(*signums: signal.Signals) -> Any:
+    """Processes started inside inherit these signals ignored; this one gets its handlers back."""
+    saved = {signum: signal.signal(signum, signal.SIG_IGN) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def _announce_ready(options: ServeOptions, children: list[_Child], limit_s: float = 600.0) -> None:
+    """One line once REST answers its health check (the model is loaded) and every port accepts."""
+    import urllib.request
+
+    deadline = time.monotonic() + limit_s
+    health = f"http://127.0.0.1:{options.http_port}/health/status"
+    waiting = [child.port for child in children]
+    while waiting and time.monotonic() < deadline and all(c.process.is_alive() for c in children):
+        port = waiting[0]
+        try:
+            if port == options.http_port:
+                with urllib.request.urlopen(health, timeout=2) as answer:
+                    answer.read()
+            else:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            waiting.pop(0)
+        except OSError:  # not yet (HTTPError, a 503 while loading, is an OSError too)
+            time.sleep(0.2)
+    if not waiting:
+        logger.info(
+            "ready: REST :%d, gRPC :%d, metrics :%d", options.http_port, options.grpc_port, options.metrics_port
+        )
 
 
 class _StopSignal:
@@ -297,7 +348,7 @@ def _run_grpc(user: Any, metrics: Any, options: ServeOptions) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # from now on, SIGTERM drains
     server.start()
-    logger.info("gRPC serving on %s", address)
+    logger.debug("gRPC serving on %s", address)
     while not stop.wait(1.0):
         pass
     server.stop(DRAIN_S).wait()  # refuses new calls, lets in-flight ones finish

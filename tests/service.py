@@ -61,9 +61,13 @@ class Service:
 
 @contextlib.contextmanager
 def running_service(
-    model_dir: Path, *extra_args: str, env: dict[str, str] | None = None, timeout: float = START_TIMEOUT_S
+    model_dir: Path,
+    *extra_args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = START_TIMEOUT_S,
+    verbose: bool = True,
 ) -> Iterator[Service]:
-    service = start_service(model_dir, *extra_args, env=env)
+    service = start_service(model_dir, *extra_args, env=env, verbose=verbose)
     try:
         wait_ready(service, timeout)
         yield service
@@ -72,12 +76,16 @@ def running_service(
         service.log_path.unlink(missing_ok=True)
 
 
-def start_service(model_dir: Path, *extra_args: str, env: dict[str, str] | None = None) -> Service:
-    """`seldon-caffe serve model_dir` on free ports, its output in a log file; not waited for."""
+def start_service(
+    model_dir: Path, *extra_args: str, env: dict[str, str] | None = None, verbose: bool = True
+) -> Service:
+    """`seldon-caffe serve model_dir` on free ports, its output in a log file; not waited for.
+    Verbose by default: a failing test shows every process's log."""
     ports = [free_port() for _ in range(3)]
     log = Path(tempfile.mkstemp(prefix="seldon-caffe-service-", suffix=".log")[1])
     argv = [sys.executable, "-m", "seldon_caffe.cli", "serve", str(model_dir)]
     argv += ["--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    argv += ["--verbose"] if verbose else []
     with open(log, "wb") as log_file:
         process = subprocess.Popen(
             [*argv, *extra_args],

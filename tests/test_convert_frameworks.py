@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -95,9 +96,10 @@ def convert_keras(
     batch_size: int = 8,
     output: Path | None = None,
     check: bool = True,
+    config_name: str = "config.txt",
 ) -> subprocess.CompletedProcess:
     """`seldon-caffe convert tensorflow` on the Keras SavedModel, with a config.txt of `inputs` and `outputs`."""
-    config = write_config(tmp_path / "config.txt", batch_size, inputs, outputs)
+    config = write_config(tmp_path / config_name, batch_size, inputs, outputs)
     saved_model, output = keras_saved_model / "saved_model", output or tmp_path / "m.onnx"
     return seldon_caffe("convert", "tensorflow", saved_model, "--config", config, "-o", output, check=check)
 
@@ -166,18 +168,58 @@ def _gap_tensor(keras_saved_model: Path) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
+def saved_model_cli_names(saved_model: Path) -> dict[str, str]:
+    """{signature key: tensor name} as `saved_model_cli show --all` prints them: what users copy."""
+    cli = Path(sys.executable).with_name("saved_model_cli")
+    shown = subprocess.run(
+        [cli, "show", "--dir", saved_model, "--all"], capture_output=True, text=True, timeout=300, check=True
+    ).stdout
+    signature = shown[shown.index("signature_def['serving_default']") :]
+    keys = re.findall(r"(?:inputs|outputs)\['([^']+)'\] tensor_info:", signature)
+    names = re.findall(r"^\s+name: (\S+)$", signature, re.MULTILINE)
+    return dict(zip(keys, names, strict=False))
+
+
 @needs_tf
-def test_unknown_node_name_lists_the_signature(keras_saved_model, tmp_path):
+@pytest.mark.parametrize("with_index", [True, False], ids=["as-printed", "without-:0"])
+def test_the_names_saved_model_cli_prints_convert(keras_saved_model, tmp_path, with_index):
+    # docs/convert.md sends users to saved_model_cli; Keras 3 prints serving_default_image:0
+    # for the input and StatefulPartitionedCall_1:0 for the output.
+    printed = saved_model_cli_names(keras_saved_model / "saved_model")
+    assert printed["image"] == "serving_default_image:0" and printed["output_0"].startswith("StatefulPartitionedCall")
+    spell = (lambda name: name) if with_index else (lambda name: name.removesuffix(":0"))
+    onnx = tmp_path / "model.onnx"
+    convert_keras(
+        keras_saved_model,
+        tmp_path,
+        [{"name": "pixels", "data_type": "float32", "dims": [-1, 12, 12, 3], "node_name": spell(printed["image"])}],
+        [{"name": "scores", "data_type": "float32", "dims": [-1, 5], "node_name": spell(printed["output_0"])}],
+        output=onnx,
+    )
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    batch, keras_answer = np.load(keras_saved_model / "x.npy"), np.load(keras_saved_model / "y.npy")
+    (scores,) = session.run(["scores"], {"pixels": batch})
+    assert relative_error(scores, keras_answer) < TOLERANCE
+
+
+@needs_tf
+def test_unknown_node_name_lists_the_signature_and_names_the_file(keras_saved_model, tmp_path):
+    # input_1:0 was Keras 2's name, and the old docs' example: a Keras 3 export has no such tensor.
     result = convert_keras(
         keras_saved_model,
         tmp_path,
         [{"name": "x", "data_type": "float32", "dims": [-1, 12, 12, 3], "node_name": "input_1:0"}],
         [{"name": "y", "data_type": "float32", "dims": [-1, 5], "node_name": "output_0"}],
         check=False,
+        config_name="resnet.json",
     )
     assert result.returncode == 1
-    assert "node_name 'input_1:0' is not in signature 'serving_default'" in result.stderr
-    assert "its inputs are image (image:0)" in result.stderr
+    assert f"{tmp_path / 'resnet.json'}: input 'x': node_name 'input_1:0' is not in signature 'serving_default'" in (
+        result.stderr
+    )
+    assert "its inputs are image (serving_default_image:0)" in result.stderr
 
 
 @needs_tf
@@ -188,10 +230,10 @@ def test_wrong_data_type_in_config_is_named(keras_saved_model, tmp_path):
         [{"name": "x", "data_type": "int64", "dims": [-1, 12, 12, 3], "node_name": "image"}],
         [{"name": "y", "data_type": "float32", "dims": [-1, 5], "node_name": "output_0"}],
         check=False,
+        config_name="description.json",
     )
-    assert (
-        result.returncode == 1 and "input 'x' is int64, but the model's is float32; fix its data_type" in result.stderr
-    )
+    assert result.returncode == 1
+    assert "description.json: input 'x' is int64, but the model's is float32; fix its data_type" in result.stderr
 
 
 def test_not_a_saved_model(tmp_path):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,8 @@ SHARED_CRD = Path(__file__).resolve().parents[2] / "shared/k8s/seldondeployment-
 CRD = Path(os.environ.get("SELDON_CAFFE_CRD", SHARED_CRD))
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 IMAGE = "registry.example.com/lenet:0.1.0"
+REPO = Path(__file__).resolve().parents[1]
+COMMAND_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 VARIANTS: dict[str, list[str]] = {
     "plain": [],
@@ -138,9 +142,97 @@ def test_gpu_variant_requests_nvidia_gpus(validator, model_dir, capsys):
 
 
 def test_gpu_with_a_cpu_model_warns(model_dir, capsys):
-    (model_dir / "model.yaml").write_text("name: lenet\noptions: {device: cpu}\n")
+    (model_dir / "model.yaml").write_text("name: lenet\nruntime: onnxruntime\noptions: {device: cpu}\n")
     assert cli.main(["k8s", str(model_dir), "--image", IMAGE, "--gpu", "1"]) == 0
-    assert "GPU would sit idle" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "GPU would sit idle" in err and "set device: cuda" in err and "s2i/Dockerfile.gpu" in err
+
+
+def k8s_process(model_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """The command as a user runs it, in its own process."""
+    argv = [sys.executable, "-m", "seldon_caffe.cli", "k8s", str(model_dir), "--image", IMAGE, *extra]
+    return subprocess.run(argv, env=COMMAND_ENV, capture_output=True, text=True, timeout=120)
+
+
+def test_gpu_for_a_caffe_model_on_auto_says_opencv_ignores_it(validator, model_dir):
+    """The new user's first hour: device cuda, runtime auto, --gpu 1, and a pod that never uses the GPU."""
+    done = k8s_process(model_dir, "--gpu", "1")
+    assert done.returncode == 0, done.stderr
+    check(validator, yaml.safe_load(done.stdout))  # a warning, not a different manifest
+    (warning,) = done.stderr.splitlines()
+    assert warning.startswith("seldon-caffe: warning: model.yaml has options.device cuda and --gpu 1 asks for GPUs")
+    assert "runtime opencv (what runtime: auto chooses for format caffe)" in warning
+    assert "ignores the GPU" in warning
+    assert "torch (on CUDA), tensorrt (a TensorRT plan), onnxruntime with CUDA" in warning
+
+
+def test_a_cuda_model_without_gpus_warns(model_dir):
+    (model_dir / "model.yaml").write_text("name: lenet\nruntime: torch\noptions: {device: cuda}\n")
+    done = k8s_process(model_dir)
+    assert done.returncode == 0, done.stderr
+    assert "seldon-caffe: warning: model.yaml has options.device cuda, but the pod asks for no GPU" in done.stderr
+    assert "seldon-caffe: warning" not in k8s_process(model_dir, "--gpu", "1").stderr
+
+
+@pytest.mark.parametrize(
+    "model_yaml, build_arg",
+    [
+        ("format: tensorflow\n", "--build-arg EXTRAS=tensorflow "),
+        ("format: caffe\nruntime: openvino\n", "--build-arg EXTRAS=onnx,openvino "),
+        ("format: torch\n", "--build-arg EXTRAS=torch "),
+        (
+            "format: onnx\nruntime: tensorrt\noptions: {device: cuda}\n",
+            "-f s2i/Dockerfile.gpu --build-arg WITH_TENSORRT=1",
+        ),
+    ],
+)
+def test_the_builder_the_runtime_needs_is_printed(model_dir, model_yaml, build_arg):
+    (model_dir / "model.yaml").write_text(model_yaml)
+    done = k8s_process(model_dir, "--gpu", "1")
+    assert done.returncode == 0, done.stderr
+    (note,) = [line for line in done.stderr.splitlines() if line.startswith("seldon-caffe: note: ")]
+    assert build_arg in note and "s2i build" in note
+
+
+def test_the_default_builder_prints_nothing(model_dir):
+    (model_dir / "model.yaml").write_text("name: lenet\nformat: caffe\n")
+    done = k8s_process(model_dir)
+    assert done.returncode == 0 and done.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--cpu", "500m:250m"], "--cpu 500m:250m: the request must be <= the limit"),
+        (["--memory", "1Gi:1000Mi"], "--memory 1Gi:1000Mi: the request must be <= the limit"),
+        (["--model-uri", "./model"], "--model-uri ./model: expected a storage URI"),
+        (["--model-uri", "/srv/models/lenet"], "expected a storage URI"),
+        (["--model-uri", "lenet"], "expected a storage URI"),
+        (["--model-uri", "file:///srv/models/lenet"], "expected a storage URI"),
+        (["--model-uri", "C:\\models"], "expected a storage URI"),
+        (["--runtime", "tensorflow"], "--runtime tensorflow cannot serve format caffe"),
+    ],
+)
+def test_settings_the_cluster_would_refuse_are_errors_before_anything_is_written(model_dir, tmp_path, args, message):
+    out = tmp_path / "sdep.yaml"
+    done = k8s_process(model_dir, "-o", str(out), *args)
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()  # one line, no warnings first: the checks come before anything else
+    assert line.startswith("seldon-caffe: error: ") and message in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("cpu", ["1:1000m", "250m:0.5", "2:2"])
+def test_a_request_up_to_its_limit_is_fine(validator, model_dir, capsys, cpu):
+    limits = model_container(check(validator, run_k8s(capsys, model_dir, "--cpu", cpu)))["resources"]
+    assert limits["requests"]["cpu"] == cpu.split(":")[0]
+
+
+@pytest.mark.parametrize("uri", ["https://models.example.com/lenet.tar.gz", "s3://bucket/lenet", "minio:models/lenet"])
+def test_storage_uris_are_accepted(validator, model_dir, capsys, uri):
+    manifest = check(validator, run_k8s(capsys, model_dir, "--model-uri", uri))
+    pod = manifest["spec"]["predictors"][0]["componentSpecs"][0]["spec"]
+    assert pod["initContainers"][0]["args"] == [uri, "/mnt/models"]
 
 
 def test_model_uri_adds_a_storage_initializer_and_model_dir(validator, model_dir, capsys):
@@ -177,6 +269,9 @@ def test_init_writes_a_manifest_that_validates(validator, tmp_path):
 def test_output_file_is_never_replaced_without_force(model_dir, tmp_path, capsys):
     out = tmp_path / "deploy" / "sdep.yaml"
     base = ["k8s", str(model_dir), "--image", IMAGE, "-o", str(out)]
+    assert cli.main(base) == 1 and not out.parent.exists()  # a missing folder is an error, not made
+    assert "the folder" in capsys.readouterr().err
+    out.parent.mkdir()
     assert cli.main(base) == 0 and "replicas: 1" in out.read_text()
     assert cli.main([*base, "--replicas", "2"]) == 1
     assert "exists; pass --force" in capsys.readouterr().err

@@ -6,12 +6,19 @@ import json
 
 import pytest
 
-from seldon_caffe.convert.description import DescriptionError, load_description, parse_description
+from seldon_caffe.convert.description import (
+    DescriptionError,
+    SignatureEntry,
+    find_signature_entry,
+    load_description,
+    parse_description,
+    unknown_node_name,
+)
 
 GOOD = {
     "batch_size": 64,
     "input": [
-        {"name": "image", "data_type": "TYPE_FP32", "dims": [-1, 224, 224, 3], "node_name": "input_1:0"},
+        {"name": "image", "data_type": "TYPE_FP32", "dims": [-1, 224, 224, 3], "node_name": "serving_default_image:0"},
         {"name": "ids", "data_type": "DT_INT64", "dims": [-1, -1]},
     ],
     "output": [{"name": "probs", "data_type": "float", "dims": [-1, 1000], "node_name": "predictions"}],
@@ -28,7 +35,7 @@ def test_reads_every_field(tmp_path):
         "image",
         "float32",
         (-1, 224, 224, 3),
-        "input_1:0",
+        "serving_default_image:0",
     )
     assert (ids.dtype, ids.node_name) == ("int64", "ids")  # node_name defaults to the name
     assert description.outputs[0].dtype == "float32" and description.outputs[0].triton_type == "TYPE_FP32"
@@ -94,3 +101,59 @@ def test_unreadable_and_non_json_files(tmp_path):
     bad.write_text("{'batch_size': 1}")
     with pytest.raises(DescriptionError, match=r"config.txt: not JSON .*docs/convert.md"):
         load_description(bad)
+
+
+# -- node_name: every spelling saved_model_cli and the signature print -------------------------
+
+# A Keras 3 export as `saved_model_cli show` prints it (then the frozen graph's name, tf2onnx's).
+INPUTS = [SignatureEntry("image", ("serving_default_image:0", "image:0"))]
+OUTPUTS = [
+    SignatureEntry("logits", ("StatefulPartitionedCall_1:0", "Identity:0")),
+    SignatureEntry("probs", ("StatefulPartitionedCall_1:1", "Identity_1:0")),
+]
+
+
+@pytest.mark.parametrize("node_name", ["image", "image:0", "serving_default_image:0", "serving_default_image"])
+def test_every_printed_input_spelling_finds_the_input(node_name):
+    assert find_signature_entry(node_name, INPUTS) == INPUTS[0]
+
+
+@pytest.mark.parametrize(
+    "node_name, key",
+    [
+        ("probs", "probs"),
+        ("probs:0", "probs"),
+        ("StatefulPartitionedCall_1:1", "probs"),
+        ("StatefulPartitionedCall_1:0", "logits"),
+        ("StatefulPartitionedCall_1", "logits"),  # no `:N` is output 0, as in TensorFlow
+        ("Identity_1:0", "probs"),
+    ],
+)
+def test_every_printed_output_spelling_finds_the_output(node_name, key):
+    assert find_signature_entry(node_name, OUTPUTS).key == key
+
+
+def test_unknown_spellings_and_the_key_first():
+    assert find_signature_entry("input_1:0", INPUTS) is None  # Keras 2's name: not in a Keras 3 export
+    assert find_signature_entry("StatefulPartitionedCall_1:2", OUTPUTS) is None
+    assert find_signature_entry("image:1", INPUTS) is None
+    # A key wins over another entry's tensor of the same spelling.
+    entries = [SignatureEntry("a", ("b:0",)), SignatureEntry("b", ("x:0",))]
+    assert find_signature_entry("b", entries).key == "b"
+
+
+def test_errors_name_the_file_the_user_passed(tmp_path):
+    path = tmp_path / "resnet-description.json"
+    path.write_text(json.dumps(_with(input__0__node_name="input_1:0")))
+    description = load_description(path)
+    assert description.where == str(path) and parse_description(GOOD).where == "config.txt"
+    error = unknown_node_name(
+        description, "input", description.inputs[0], "signature 'serving_default' of saved_model", INPUTS
+    )
+    assert str(error) == (
+        f"{path}: input 'image': node_name 'input_1:0' is not in signature 'serving_default' of saved_model; "
+        "its inputs are image (serving_default_image:0)"
+    )
+    path.write_text(json.dumps(_with(input__0__dims=[1, 224, 224, 3])))
+    with pytest.raises(DescriptionError, match=r"resnet-description.json: 'input\[0\].dims'"):
+        load_description(path)

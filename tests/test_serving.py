@@ -24,7 +24,17 @@ import requests
 from conftest import REPO, copy_model
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 from seldon_core.utils import array_to_grpc_datadef
-from service import alive, free_port, process_tree, running_service, start_service, stop, strict_json
+from service import (
+    START_TIMEOUT_S,
+    alive,
+    free_port,
+    process_tree,
+    running_service,
+    start_service,
+    stop,
+    strict_json,
+    wait_ready,
+)
 
 HOOKS = (REPO / "tests" / "data" / "serving_hooks.py").read_text()
 IMAGE = np.zeros((1, 1, 28, 28), np.float32)
@@ -74,6 +84,28 @@ def server_pid(service, name: str) -> int:
 
 
 # -- lifecycle ------------------------------------------------------------------------
+
+
+def test_the_console_says_what_is_served_when_it_is_ready_and_when_it_stopped(model_dir):
+    """Without --verbose: no Flask config dumps, no per-process lines, no TensorFlow notices."""
+    service = start_service(model_dir, verbose=False)
+    try:
+        wait_ready(service, START_TIMEOUT_S)
+        deadline = time.monotonic() + 30
+        while "ready:" not in service.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop(service)
+        log = service.log()
+        service.log_path.unlink(missing_ok=True)
+    lines = log.strip().splitlines()
+    assert len(lines) == 3, log
+    assert lines[0].startswith(f"serving {model_dir.resolve()} (opencv): REST :{service.http_port} "), log
+    assert lines[1].endswith(
+        f"seldon_caffe.server INFO: ready: REST :{service.http_port}, gRPC :{service.grpc_port}, "
+        f"metrics :{service.metrics_port}"
+    ), log
+    assert lines[2].endswith("seldon_caffe.server INFO: stopped on SIGTERM"), log
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

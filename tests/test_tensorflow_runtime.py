@@ -404,3 +404,66 @@ def test_service_grpc_bad_shape_is_an_error_status(served):
     result = served.client("grpc").microservice(data=np.zeros((1, 8, 8, 4)), method="predict", payload_type="tensor")
     assert not result.success
     assert "shape [1, 8, 8, 4]; expected image: float32[N, 8, 8, 3]" in result.msg
+
+
+# -- config.txt beside model.yaml: the same names in every runtime -----------------------------
+
+
+def described_dirs(tf_models: Path, where: Path) -> tuple[Path, Path]:
+    """The vision SavedModel with a config.txt, served by tensorflow, and (converted) by onnxruntime."""
+    from test_convert_frameworks import saved_model_cli_names
+
+    saved_model = tf_models / "vision" / "saved_model"
+    printed = saved_model_cli_names(saved_model)  # the spellings a user copies into config.txt
+    description = {
+        "batch_size": 8,
+        "input": [{"name": "pixels", "data_type": "float32", "dims": [-1, 8, 8, 3], "node_name": printed["image"]}],
+        "output": [
+            {"name": "scores", "data_type": "float32", "dims": [-1, 3], "node_name": printed["logits"]},
+            {"name": "p", "data_type": "float32", "dims": [-1, 3], "node_name": "probs"},
+        ],
+    }
+    tf_dir = variant(tf_models / "vision", where / "tensorflow")
+    (tf_dir / "config.txt").write_text(json.dumps(description))
+    onnx_dir = where / "onnx"
+    onnx_dir.mkdir()
+    (onnx_dir / "config.txt").write_text(json.dumps(description))
+    convert = [sys.executable, "-m", "seldon_caffe.cli", "convert", "tensorflow", str(saved_model)]
+    convert += ["--config", str(onnx_dir / "config.txt"), "-o", str(onnx_dir / "model.onnx")]
+    done = subprocess.run(convert, capture_output=True, text=True, timeout=600)  # TensorFlow stays out of here
+    assert done.returncode == 0, done.stderr[-4000:]
+    (onnx_dir / "model.yaml").write_text("format: onnx\nfiles: {onnx: model.onnx}\nruntime: onnxruntime\n")
+    return tf_dir, onnx_dir
+
+
+def test_config_txt_names_are_the_same_in_tensorflow_and_onnxruntime(tf_models, tmp_path, expected):
+    from service import running_service
+
+    tf_dir, onnx_dir = described_dirs(tf_models, tmp_path)
+    answers = {}
+    for model_dir in (tf_dir, onnx_dir):
+        with running_service(model_dir) as service:
+            response = service.post({"data": {"ndarray": expected["x"].tolist()}})
+            assert response.status_code == 200, response.text
+            answers[model_dir.name] = _json_data(response.json())
+    assert sorted(answers["tensorflow"]) == sorted(answers["onnx"]) == ["p", "scores"]  # Seldon sorts JSON keys
+    for name, source in (("scores", "logits"), ("p", "probs")):
+        for answer in answers.values():
+            np.testing.assert_allclose(answer[name], expected[source], rtol=1e-4, atol=1e-5)
+
+    model = load(tf_dir)  # in this process: the model object a hook sees has the same names
+    assert [s.name for s in model.inputs] == ["pixels"] and [s.name for s in model.outputs] == ["scores", "p"]
+    np.testing.assert_allclose(model.run({"pixels": expected["x"]}, outputs=["p"])["p"], expected["probs"], RTOL, ATOL)
+
+
+def test_config_txt_node_name_the_signature_lacks(tf_models, tmp_path):
+    model_dir = variant(tf_models / "vision", tmp_path)
+    description = {
+        "input": [{"name": "pixels", "data_type": "float32", "dims": [-1, 8, 8, 3], "node_name": "input_1:0"}],
+        "output": [{"name": "p", "data_type": "float32", "dims": [-1, 3], "node_name": "probs"}],
+    }
+    (model_dir / "config.txt").write_text(json.dumps(description))
+    with pytest.raises(ModelLoadError) as error:
+        load(model_dir)
+    assert str(error.value).startswith(f"{model_dir / 'config.txt'}: input 'pixels': node_name 'input_1:0' is not")
+    assert "its inputs are image (serving_default_image:0)" in str(error.value)

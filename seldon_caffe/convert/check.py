@@ -101,7 +101,7 @@ def check_signature(onnx_path: Path, description: ModelDescription) -> None:
     from onnx import helper
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    where = description.source or "config.txt"
+    where = description.where
     for kind, values, described in (
         ("input", graph.input, description.inputs),
         ("output", graph.output, description.outputs),

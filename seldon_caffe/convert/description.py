@@ -2,20 +2,23 @@
 
 dl_inference's TIS converter takes a TensorFlow or PyTorch model plus a JSON file that says
 what goes in and out, because neither format says it well enough on its own (a SavedModel
-names tensors `input_1:0`, a PyTorch model names nothing). We keep the file as it is:
+names tensors `serving_default_image:0`, a PyTorch model names nothing). We keep the file as
+it is:
 
     {
       "batch_size": 64,
       "input":  [{"name": "image", "data_type": "float32", "dims": [-1, 224, 224, 3],
-                  "node_name": "input_1:0"}],
+                  "node_name": "serving_default_image:0"}],
       "output": [{"name": "probs", "data_type": "float32", "dims": [-1, 1000],
                   "node_name": "predictions"}]
     }
 
-* `name`: the tensor's public name: the ONNX file, Triton and the served model use it.
-* `node_name`: where it lives in the source model: a TensorFlow tensor (`input_1:0`) or
-  signature key; optional for PyTorch, whose inputs and outputs are positional (the order
-  of the list is the order of `forward`'s arguments and results). Default: `name`.
+* `name`: the tensor's public name: the ONNX file, Triton and every runtime serving the
+  model (config.txt beside model.yaml) use it.
+* `node_name`: where it lives in the source model: a TensorFlow signature key or tensor, in
+  any spelling saved_model_cli prints (`find_signature_entry`); optional for PyTorch, whose
+  inputs and outputs are positional (the order of the list is the order of `forward`'s
+  arguments and results). Default: `name`.
 * `dims`: the shape, batch axis included; -1 is a dimension of any size.
 * `data_type`: a numpy name (`float32`), Triton's (`TYPE_FP32`, `FP32`) or TensorFlow's
   (`DT_FLOAT`); dl_inference files wrote all three, so all three are read.
@@ -29,6 +32,7 @@ Every mistake is a DescriptionError naming the file and the entry, like model.ya
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,8 +127,62 @@ class ModelDescription:
     outputs: tuple[TensorDescription, ...]
     source: Path | None = None
 
+    @property
+    def where(self) -> str:
+        """The file to name in an error: the one the user passed, not always called config.txt."""
+        return str(self.source) if self.source else FILE_NAME
+
     def input(self, name: str) -> TensorDescription:
         return next(t for t in self.inputs if t.name == name)
+
+
+@dataclass(frozen=True)
+class SignatureEntry:
+    """One input or output of a TensorFlow signature: its key and the graph tensors behind it.
+
+    `tensors` holds the names tools print for it, the one `saved_model_cli show` prints first
+    (`serving_default_image:0`, `StatefulPartitionedCall_1:1`), then any other (the frozen
+    graph's `image:0`, `Identity:0`)."""
+
+    key: str
+    tensors: tuple[str, ...] = ()
+
+    def label(self) -> str:
+        return f"{self.key} ({self.tensors[0]})" if self.tensors else self.key
+
+
+def find_signature_entry(node_name: str, entries: Sequence[SignatureEntry]) -> SignatureEntry | None:
+    """The entry a config.txt `node_name` names, in any spelling the user may have copied.
+
+    The key (`image`, `image:0`, `output_0`) or a tensor behind it (`serving_default_image:0`,
+    `StatefulPartitionedCall_1:1`), each with or without `:0`. Keys are tried first: a key
+    is what the signature calls the tensor, whatever another entry's graph tensor is named."""
+    wanted = _indexed(node_name)
+    for entry in entries:
+        if _indexed(entry.key) == wanted:
+            return entry
+    return next((e for e in entries if wanted in {_indexed(t) for t in e.tensors}), None)
+
+
+def _indexed(name: str) -> str:
+    # TensorFlow's own rule: a tensor named without `:N` is output 0 of its op.
+    _, colon, index = name.rpartition(":")
+    return name if colon and index.isdigit() else f"{name}:0"
+
+
+def unknown_node_name(
+    description: ModelDescription,
+    kind: str,
+    tensor: TensorDescription,
+    signature: str,
+    entries: Sequence[SignatureEntry],
+) -> DescriptionError:
+    """The error for a `node_name` no entry of `signature` ("signature 'serving_default' of DIR") answers to."""
+    names = ", ".join(entry.label() for entry in entries) or "none"
+    return DescriptionError(
+        f"{description.where}: {kind} {tensor.name!r}: node_name {tensor.node_name!r} is not in {signature}; "
+        f"its {kind}s are {names}"
+    )
 
 
 def load_description(path: str | Path) -> ModelDescription:
@@ -140,7 +198,7 @@ def load_description(path: str | Path) -> ModelDescription:
 
 
 def parse_description(raw: Any, source: Path | None = None) -> ModelDescription:
-    where = str(source or FILE_NAME)
+    where = str(source) if source else FILE_NAME
 
     def problem(field: str, message: str) -> DescriptionError:
         return DescriptionError(f"{where}: '{field}': {message}")
@@ -192,5 +250,8 @@ def _tensor(entry: Any, where: str, batch_size: int, problem) -> TensorDescripti
         )
     node_name = entry.get("node_name", name)
     if not isinstance(node_name, str) or not node_name:
-        raise problem(f"{where}.node_name", 'expected the tensor\'s name in the source model, e.g. "input_1:0"')
+        raise problem(
+            f"{where}.node_name",
+            'expected the tensor\'s name in the source model, e.g. "image" or "serving_default_image:0"',
+        )
     return TensorDescription(name=name, dtype=dtype, dims=tuple(dims), node_name=node_name)

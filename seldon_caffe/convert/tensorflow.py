@@ -4,24 +4,38 @@ tf2onnx is the converter the ONNX project keeps for TensorFlow, so we drive it r
 write our own. What we add is dl_inference's contract: config.txt says which tensors go in
 and out and what to call them, and the result is checked against TensorFlow itself.
 
-A config.txt `node_name` may be any of the names a user meets for a tensor: the signature's
-key (`image`, `output_0`), the graph tensor behind it (`image:0`, `Identity:0`), or, for an
-output, any tensor inside the graph (`functional/probs/Softmax:0`), which cuts the model
-there, as dl_inference's frozen-graph converter did. The ONNX model's inputs and outputs
-take config.txt's `name`s and `dims` (-1 stays dynamic).
+A config.txt `node_name` may be any of the names a user meets for a tensor (the matching is
+`find_signature_entry`'s, which the tensorflow runtime shares): the signature's key (`image`,
+`output_0`, with or without `:0`), the graph tensor `saved_model_cli show` prints for it
+(`serving_default_image:0`, `StatefulPartitionedCall_1:0`), the frozen graph's (`image:0`,
+`Identity:0`), or, for an output, any tensor inside the frozen graph
+(`StatefulPartitionedCall/functional/probs/Softmax:0`), which cuts the model there, as
+dl_inference's frozen-graph converter did. The ONNX model's inputs and outputs take
+config.txt's `name`s and `dims` (-1 stays dynamic).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import SeldonCaffeError
 from . import _Subparsers, add_tolerance, opset_type
 from .check import DEFAULT_TOLERANCE, OutputError, check_conversion, check_signature, format_errors
-from .description import ModelDescription, TensorDescription, load_description
+from .description import (
+    ModelDescription,
+    SignatureEntry,
+    TensorDescription,
+    find_signature_entry,
+    load_description,
+    unknown_node_name,
+)
 
 DEFAULT_SIGNATURE = "serving_default"
 DEFAULT_TAG = "serve"
@@ -44,20 +58,52 @@ def add_parser(formats: _Subparsers) -> None:
 
 
 def convert_tensorflow_command(args: argparse.Namespace) -> int:
+    from ..paths import check_output_path
+
+    check_output_path(args.output)
     description = load_description(args.config)
     started = time.perf_counter()
-    errors = saved_model_to_onnx(
-        args.saved_model,
-        description,
-        args.output,
-        signature=args.signature,
-        tag=args.tag,
-        opset=args.opset,
-        tolerance=args.tolerance,
-    )
+    with stderr_kept_unless_failed():
+        errors = saved_model_to_onnx(
+            args.saved_model,
+            description,
+            args.output,
+            signature=args.signature,
+            tag=args.tag,
+            opset=args.opset,
+            tolerance=args.tolerance,
+        )
     print(f"wrote {args.output} ({time.perf_counter() - started:.1f} s)")
     print(format_errors(errors, "TensorFlow"))
     return 0
+
+
+@contextlib.contextmanager
+def stderr_kept_unless_failed() -> Iterator[None]:
+    """Hold back what TensorFlow and tf2onnx write to stderr while converting, and show it only
+    if the conversion fails unexpectedly. TensorFlow's native code logs through absl before
+    absl is set up, which TF_CPP_MIN_LOG_LEVEL does not reach (grappler's "Starting new
+    session", GPU counts), and its Python side warns about APIs tf2onnx uses: a dozen lines
+    per conversion, none the user can act on. The file descriptor itself is redirected, as
+    that native output never passes through Python."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except SeldonCaffeError:
+            raise  # our own one-line message says what is wrong
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def saved_model_to_onnx(
@@ -80,7 +126,7 @@ def saved_model_to_onnx(
     _require("tensorflow", "tf2onnx", "onnx", "onnxruntime")
     from tf2onnx import convert
 
-    graph = _FrozenSignature(saved_model, signature, tag)
+    graph = _FrozenSignature(saved_model, signature, tag, description)
     inputs = {graph.input_tensor(t): t for t in description.inputs}
     outputs = {graph.output_tensor(t): t for t in description.outputs}
     convert.from_graph_def(
@@ -99,10 +145,13 @@ def saved_model_to_onnx(
 class _FrozenSignature:
     """One SavedModel signature, frozen the way tf2onnx converts it, and its names."""
 
-    def __init__(self, saved_model: Path, signature: str, tag: str):
+    def __init__(self, saved_model: Path, signature: str, tag: str, description: ModelDescription):
         from tf2onnx import tf_loader
 
+        from ..runtimes.tensorflow import signature_def_tensors
+
         self.saved_model, self.signature, self.tags = saved_model, signature, tag.split(",")
+        self.description = description
         try:
             loaded = tf_loader.from_saved_model(
                 str(saved_model), None, None, tag, [signature], return_tensors_to_rename=True
@@ -110,37 +159,40 @@ class _FrozenSignature:
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             raise SeldonCaffeError(f"{saved_model}: cannot load signature {signature!r} (tag {tag!r}): {exc}") from None
         self.graph_def, self.inputs, self.outputs, renames = loaded
-        self.key_of = dict(renames)  # graph tensor -> signature key
-        self.tensor_of = {key: tensor for tensor, key in renames.items()}
+        self.key_of = dict(renames)  # frozen graph tensor -> signature key
+        printed_inputs, printed_outputs = signature_def_tensors(saved_model, signature, self.tags)
+        self.input_entries = self._entries(self.inputs, printed_inputs)
+        self.output_entries = self._entries(self.outputs, printed_outputs)
         self.nodes = {node.name for node in self.graph_def.node}
 
+    def _entries(self, frozen: list[str], printed: dict[str, str]) -> dict[SignatureEntry, str]:
+        """Each signature entry, with the names saved_model_cli and the frozen graph give it -> its frozen tensor."""
+        entries = {}
+        for tensor in frozen:
+            key = self.key_of.get(tensor, tensor)
+            names = (printed[key], tensor) if key in printed else (tensor,)
+            entries[SignatureEntry(key, names)] = tensor
+        return entries
+
     def input_tensor(self, tensor: TensorDescription) -> str:
-        found = self._signature_tensor(tensor.node_name, self.inputs)
-        if found is None:
-            raise self._unknown("input", tensor, self.inputs)
-        return found
+        entry = find_signature_entry(tensor.node_name, list(self.input_entries))
+        if entry is None:
+            raise self._unknown("input", tensor, self.input_entries)
+        return self.input_entries[entry]
 
     def output_tensor(self, tensor: TensorDescription) -> str:
-        found = self._signature_tensor(tensor.node_name, self.outputs)
-        if found is None:  # a tensor inside the graph: the conversion stops there
-            name = tensor.node_name if ":" in tensor.node_name else f"{tensor.node_name}:0"
-            found = name if name.rpartition(":")[0] in self.nodes else None
-        if found is None:
-            raise self._unknown("output", tensor, self.outputs)
-        return found
+        entry = find_signature_entry(tensor.node_name, list(self.output_entries))
+        if entry is not None:
+            return self.output_entries[entry]
+        # A tensor inside the graph: the conversion stops there.
+        name = tensor.node_name if ":" in tensor.node_name else f"{tensor.node_name}:0"
+        if name.rpartition(":")[0] not in self.nodes:
+            raise self._unknown("output", tensor, self.output_entries)
+        return name
 
-    def _signature_tensor(self, name: str, tensors: list[str]) -> str | None:
-        for candidate in (name, self.tensor_of.get(name), f"{name}:0"):
-            if candidate in tensors:
-                return candidate
-        return None
-
-    def _unknown(self, kind: str, tensor: TensorDescription, tensors: list[str]) -> SeldonCaffeError:
-        names = ", ".join(f"{self.key_of.get(t, t)} ({t})" for t in tensors)
-        return SeldonCaffeError(
-            f"config.txt {kind} {tensor.name!r}: node_name {tensor.node_name!r} is not in signature "
-            f"{self.signature!r} of {self.saved_model}; its {kind}s are {names}"
-        )
+    def _unknown(self, kind: str, tensor: TensorDescription, entries: dict[SignatureEntry, str]) -> SeldonCaffeError:
+        where = f"signature {self.signature!r} of {self.saved_model}"
+        return unknown_node_name(self.description, kind, tensor, where, list(entries))
 
     def reference(self, inputs: dict[str, TensorDescription], outputs: dict[str, TensorDescription]):  # noqa: ANN201
         """A function {input name: array} -> {output name: array} that runs TensorFlow.

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SeldonCaffeError
+from ..paths import check_output_path
 from ..runtimes.tensorrt import require_tensorrt, trt_logger
 from . import _Subparsers
 
@@ -138,8 +139,7 @@ def prepare(args: argparse.Namespace) -> BuildRequest:
     _check_precision_flags(args, quantized)
     profiles = optimization_profiles(inputs, args.min_batch, args.opt_batch, args.max_batch)
     batches = resolve_batches(inputs, args.min_batch, args.opt_batch, args.max_batch)
-    if not args.output.parent.is_dir():
-        raise SeldonCaffeError(f"-o {args.output}: the directory {args.output.parent} does not exist")
+    check_output_path(args.output)
     calibration = None
     if args.calibration is not None and not quantized:
         size = calibration_batch_size(inputs, batches, args.calibration_batch)

@@ -77,6 +77,9 @@ def add_class_option(parser: argparse.ArgumentParser) -> None:
 
 
 def convert_torch_command(args: argparse.Namespace) -> int:
+    from ..paths import check_output_path
+
+    check_output_path(args.output)
     description = load_description(args.config)
     started = time.perf_counter()
     model = load_torch_model(args.model, args.class_spec)
@@ -287,7 +290,7 @@ def _reference(model: Any, description: ModelDescription):  # noqa: ANN202
         values = list(values) if isinstance(values, (tuple, list)) else [values]
         if len(values) != len(description.outputs):
             raise SeldonCaffeError(
-                f"the model returns {len(values)} outputs, config.txt describes {len(description.outputs)}"
+                f"the model returns {len(values)} outputs, {description.where} describes {len(description.outputs)}"
             )
         return {t.name: v.detach().numpy() for t, v in zip(description.outputs, values, strict=True)}
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SeldonCaffeError
+from ..paths import check_output_dir
 from . import _Subparsers, add_tolerance, opset_type
 from .check import check_signature, format_errors
 from .description import ModelDescription, TensorDescription, load_description
@@ -70,6 +71,7 @@ def add_parser(formats: _Subparsers) -> None:
 
 
 def convert_triton_command(args: argparse.Namespace) -> int:
+    check_output_dir(args.output)
     description = load_description(args.config)
     if args.instances < 1 or args.version < 1 or args.max_queue_delay_us < 0:
         raise SeldonCaffeError("--instances and --version must be at least 1, --max-queue-delay-us at least 0")

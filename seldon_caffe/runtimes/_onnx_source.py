@@ -89,6 +89,7 @@ def converted_caffe_model(config: ModelConfig) -> Path:
     directories = [config.model_dir / CACHE_SUBDIR, user_cache_dir()]
     for directory in directories:
         if (directory / name).is_file():
+            logger.debug("using the cached ONNX conversion %s", directory / name)
             return directory / name
     for directory in directories:
         try:
@@ -121,6 +122,7 @@ def _convert(config: ModelConfig, target: Path) -> Path:
         # A net that fixes its batch size converts at that size: serve it as Caffe would.
         logger.warning("%s; converting at the declared batch size", exc)
         convert_files(prototxt, weights, target, progress=False, batch=_declared_batch(config))
+    logger.info("cached the ONNX conversion at %s (reused until the prototxt, caffemodel or converter change)", target)
     return target
 
 

@@ -13,6 +13,11 @@ nothing. So this module never imports TensorFlow at the top: `TensorFlowRuntime.
 validates the options, writes the environment, and only then imports TensorFlow; if
 TensorFlow is already in the process with another oneDNN setting it stops with an error
 rather than serve with a setting the model.yaml did not ask for.
+
+Names: inputs and outputs are the signature's keys, unless dl_inference's config.txt sits
+beside model.yaml. Then, as in every runtime, they are config.txt's `name`s (matched to the
+signature by `node_name`), so a model answers with the same names here as its ONNX conversion
+does under onnxruntime, and hooks keyed on names survive a change of runtime.
 """
 
 from __future__ import annotations
@@ -23,11 +28,21 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import DEFAULT_OPTIONS, ModelConfig, OptionReader
+from ..convert.description import FILE_NAME as DESCRIPTION_FILE
+from ..convert.description import (
+    ModelDescription,
+    SignatureEntry,
+    TensorDescription,
+    find_signature_entry,
+    load_description,
+    unknown_node_name,
+)
 from ..errors import BadRequest, ConfigError, ModelLoadError
 from .base import Arrays, Runtime, TensorSpec
 
@@ -248,9 +263,13 @@ class TensorFlowRuntime(Runtime):
             )
         self.function = signatures[self.options.signature]
         _, kwargs = self.function.structured_input_signature
-        self.inputs = [_spec(name, spec, config.inputs, True) for name, spec in sorted(kwargs.items())]
-        outputs = self.function.structured_outputs.items()
-        self.outputs = [_spec(name, spec, config.outputs, False) for name, spec in outputs]
+        input_specs, output_specs = dict(sorted(kwargs.items())), dict(self.function.structured_outputs)
+        # {served name: signature key}: config.txt's names where there is one, else the keys.
+        self._input_keys, self._output_keys = self._served_names(config, list(input_specs), list(output_specs))
+        self.inputs = [_spec(name, input_specs[key], config.inputs, True) for name, key in self._input_keys.items()]
+        self.outputs = [
+            _spec(name, output_specs[key], config.outputs, False) for name, key in self._output_keys.items()
+        ]
         self._string_inputs = {s.name for s in self.inputs if s.dtype == "object"}
         # The signature lists its variables in the order the graph uses them; a Keras export
         # also keeps the model's own order (kernel, bias; gamma, beta, mean, variance), which
@@ -268,6 +287,27 @@ class TensorFlowRuntime(Runtime):
             self.signature(),
         )
 
+    def _served_names(
+        self, config: ModelConfig, input_keys: list[str], output_keys: list[str]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """{served name: signature key} for the inputs and the outputs.
+
+        With a config.txt beside model.yaml the served names are its `name`s and the outputs
+        are the ones it lists, exactly what `convert tensorflow` puts in the ONNX model. A
+        signature input it leaves out must still be fed, so that one keeps its key."""
+        path = config.model_dir / DESCRIPTION_FILE
+        if not path.is_file():
+            return {key: key for key in input_keys}, {key: key for key in output_keys}
+        description = load_description(path)
+        saved_model = config.files["saved_model"]
+        printed_inputs, printed_outputs = signature_def_tensors(saved_model, self.options.signature, self.options.tags)
+        where = f"signature {self.options.signature!r} of {saved_model}"
+        inputs = _described_keys(description, description.inputs, input_keys, printed_inputs, where)
+        inputs.update({key: key for key in input_keys if key not in inputs.values()})
+        outputs = _described_keys(description, description.outputs, output_keys, printed_outputs, where)
+        logger.info("%s: serving inputs and outputs by its names", path)
+        return inputs, outputs
+
     def check_inputs(self, inputs: np.ndarray | Mapping[str, Any]) -> Arrays:
         # JSON strings arrive as numpy unicode arrays; a tf.string input wants them as objects.
         if self._string_inputs:
@@ -283,10 +323,10 @@ class TensorFlowRuntime(Runtime):
         tf = self._tf
         try:
             with tf.device(self._device):
-                result = self.function(**{name: tf.constant(value) for name, value in feed.items()})
+                result = self.function(**{self._input_keys[name]: tf.constant(value) for name, value in feed.items()})
         except tf.errors.InvalidArgumentError as exc:  # e.g. a reshape the input cannot take
             raise BadRequest(f"the model rejected the input: {_first_line(exc)}; expected {self.signature()}") from None
-        return {name: result[name].numpy() for name in outputs}
+        return {name: result[self._output_keys[name]].numpy() for name in outputs}
 
     # -- weights: the SavedModel's variables, grouped by Keras layer name ------------------
 
@@ -325,6 +365,51 @@ class TensorFlowRuntime(Runtime):
         self.function = None
         self.native = None
         self._variables = []
+
+
+def signature_def_tensors(
+    saved_model: str | Path, signature: str, tags: Sequence[str] | None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The SignatureDef's {key: graph tensor} for inputs and outputs, the names `saved_model_cli
+    show` prints (`serving_default_image:0`, `StatefulPartitionedCall_1:0`).
+
+    A loaded signature function no longer knows them (its tensors are renamed), so they are read
+    from saved_model.pb; TensorFlow must already be imported. Empty when there is none to read
+    (a text saved_model.pbtxt): the keys alone still match."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = Path(saved_model) / "saved_model.pb"
+    if not path.is_file():
+        return {}, {}
+    proto = saved_model_pb2.SavedModel.FromString(path.read_bytes())
+    for meta_graph in proto.meta_graphs:
+        if tags and set(meta_graph.meta_info_def.tags) != set(tags):
+            continue
+        if signature in meta_graph.signature_def:
+            found = meta_graph.signature_def[signature]
+            return {k: v.name for k, v in found.inputs.items()}, {k: v.name for k, v in found.outputs.items()}
+    return {}, {}
+
+
+def _described_keys(
+    description: ModelDescription,
+    described: tuple[TensorDescription, ...],
+    keys: list[str],
+    printed: Mapping[str, str],
+    where: str,
+) -> dict[str, str]:
+    """{config.txt name: signature key} for each of `described` (config.txt's inputs or outputs)."""
+    kind = "input" if described is description.inputs else "output"
+    entries = [SignatureEntry(key, (printed[key],) if key in printed else ()) for key in keys]
+    found = {}
+    for tensor in described:
+        entry = find_signature_entry(tensor.node_name, entries)
+        if entry is None:
+            error = unknown_node_name(description, kind, tensor, where, entries)
+            # `convert tensorflow` can cut the graph at an inner tensor; a signature cannot.
+            raise type(error)(f"{error}; the tensorflow runtime serves the signature's own {kind}s only")
+        found[tensor.name] = entry.key
+    return found
 
 
 def _layer_of(variable_name: str) -> str:

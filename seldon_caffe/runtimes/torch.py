@@ -125,6 +125,7 @@ class TorchRuntime(Runtime):
         described = config.model_dir / DESCRIPTION_FILE
         description = load_description(described) if described.is_file() else None
         self.max_batch = description.batch_size if description else 0
+        self.described_in = description.where if description else DESCRIPTION_FILE
         if description is not None:
             found = _described(description.inputs)
         self.inputs = input_specs(config, found, self.path)
@@ -143,7 +144,9 @@ class TorchRuntime(Runtime):
         feed = super().check_inputs(inputs)
         for name, array in feed.items():  # config.txt's batch_size is the largest batch served
             if self.max_batch and array.ndim and array.shape[0] > self.max_batch:
-                raise BadRequest(f"input {name!r} has batch {array.shape[0]}; config.txt allows up to {self.max_batch}")
+                raise BadRequest(
+                    f"input {name!r} has batch {array.shape[0]}; {self.described_in} allows up to {self.max_batch}"
+                )
         return feed
 
     def _run(self, feed: Arrays, outputs: list[str]) -> Arrays:
