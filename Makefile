@@ -48,9 +48,9 @@ caffe-env:
 	bash scripts/caffe-env.sh
 
 # protoc and shellcheck: without them the tests that recompile caffe.proto and lint the
-# scripts skip. Installed when missing and possible (root, apt-get); said when not. Quiet
+# scripts skip; wrk checks `seldon-caffe bench` in `make bench`. Installed when missing and possible (root, apt-get); said when not. Quiet
 # when both are there.
-TOOLS := protoc:protobuf-compiler shellcheck:shellcheck
+TOOLS := protoc:protobuf-compiler shellcheck:shellcheck wrk:wrk  # wrk: benchmarks/bench_vs_wrk.py
 tools:
 	@missing=""; for tool in $(TOOLS); do command -v "$${tool%%:*}" >/dev/null || missing="$$missing $${tool#*:}"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
@@ -80,7 +80,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	@if command -v shellcheck >/dev/null; then shellcheck -x s2i/bin/* scripts/*.sh; else echo "shellcheck not installed: skipped"; fi
 
-bench: setup caffe-env
+bench: setup caffe-env tools
 	nice $(PY) benchmarks/runtimes.py
 	nice $(PY) benchmarks/onnx_precisions.py
 	nice $(PY) benchmarks/tensorflow.py

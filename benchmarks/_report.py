@@ -6,8 +6,10 @@ scripts can be rerun one at a time without touching each other's tables.
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 
@@ -30,3 +32,11 @@ def cpu_model() -> str:
     except (OSError, subprocess.CalledProcessError):
         return platform.processor() or "unknown CPU"
     return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "unknown CPU")
+
+
+def wait_for_quiet(limit_s: float, threshold: float) -> None:
+    """Give other jobs on a shared machine a chance to finish: timings under load mislead."""
+    deadline = time.monotonic() + limit_s
+    while os.getloadavg()[0] > threshold and time.monotonic() < deadline:
+        print(f"load average {os.getloadavg()[0]:.1f} > {threshold}: waiting...", flush=True)
+        time.sleep(15)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _report import cpu_model, write_section
+from _report import cpu_model, wait_for_quiet, write_section  # noqa: E402
 
 # This script is named like the package it measures; run as a script, its folder is first on
 # sys.path and `import tensorflow` would find this file. Take the folder off the path.
@@ -119,14 +119,6 @@ def best_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "max_rel_diff": max(r["max_rel_diff"] for r in done),
         "openmp_loaded": sorted({lib for r in done for lib in r["openmp_loaded"]}),
     }
-
-
-def wait_for_quiet(limit_s: float, threshold: float) -> None:
-    """Give other jobs on a shared machine a chance to finish: timings under load mislead."""
-    deadline = time.monotonic() + limit_s
-    while os.getloadavg()[0] > threshold and time.monotonic() < deadline:
-        print(f"load average {os.getloadavg()[0]:.1f} > {threshold}: waiting...", flush=True)
-        time.sleep(15)
 
 
 def _runner(case: dict[str, Any], work: Path):

@@ -45,7 +45,7 @@ sys.path.insert(1, str(REPO))
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 import yaml  # noqa: E402
-from _report import cpu_model, write_section  # noqa: E402
+from _report import cpu_model, wait_for_quiet, write_section  # noqa: E402
 
 from seldon_caffe.model import SeldonCaffeModel  # noqa: E402
 
@@ -169,14 +169,6 @@ def interleaved(runners: dict[str, Callable[[], Any]], warmup: int, repeats: int
             times[name].append(time.perf_counter() - start)
             times[f"{name}_cpu"].append(time.process_time() - cpu)
     return {key: statistics.median(t) for key, t in times.items()}
-
-
-def wait_for_quiet(limit_s: float, threshold: float) -> None:
-    """Give other jobs on a shared machine a chance to finish: timings under load mislead."""
-    deadline = time.monotonic() + limit_s
-    while os.getloadavg()[0] > threshold and time.monotonic() < deadline:
-        print(f"load average {os.getloadavg()[0]:.1f} > {threshold}: waiting...", flush=True)
-        time.sleep(15)
 
 
 def measure(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:

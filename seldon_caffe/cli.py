@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import convert, k8s, quantize, scaffold, weights
+from . import bench, convert, k8s, quantize, scaffold, weights
 from .errors import SeldonCaffeError
 from .limits import MAX_REQUEST_BYTES_ENV, max_request_bytes
 from .paths import check_output_path
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     k8s.register(sub)
     convert.register(sub)
     quantize.register(sub)
+    bench.register(sub)
     return parser
 
 
