@@ -54,6 +54,7 @@ DRAIN_S = 8  # after SIGTERM, in-flight requests have this long to finish
 STOP_S = 9.5  # then every process of the service is gone (SIGKILL), well inside 10 s
 WORKER_TIMEOUT_S = 120  # gunicorn restarts a REST worker whose main loop is stuck this long
 _PR_SET_PDEATHSIG = 1
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 # HTTP status -> the gRPC status code a client sees for it (DESIGN.md, "Errors")
 GRPC_CODES = {
@@ -142,9 +143,16 @@ def serve(options: ServeOptions) -> int:
 
     stop_signal = _StopSignal()
     for child in children:
-        child.process.start()
+        # Blocked across the fork: a stop signal in the moment a child starts waits, in the
+        # child, until it has reset the handler the fork copied (then it stops it), and, here,
+        # until the child exists (then _stop_all reaches it).
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            child.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         logger.debug("%s: pid %d", child.describe(), child.process.pid)
-    threading.Thread(target=_announce_ready, args=(options, children), daemon=True).start()
+    threading.Thread(target=_announce_ready, args=(options, children, stop_signal), daemon=True).start()
     try:
         failed = _supervise(children, stop_signal)
     finally:
@@ -182,14 +190,15 @@ def _signals_ignored(*signums: signal.Signals) -> Any:
             signal.signal(signum, handler)
 
 
-def _announce_ready(options: ServeOptions, children: list[_Child], limit_s: float = 600.0) -> None:
-    """One line once REST answers its health check (the model is loaded) and every port accepts."""
+def _announce_ready(options: ServeOptions, children: list[_Child], stop: Any, limit_s: float = 600.0) -> None:
+    """One line once REST answers its health check (the model is loaded) and every port accepts;
+    nothing once a stop signal came (no polling a service that is draining)."""
     import urllib.request
 
     deadline = time.monotonic() + limit_s
     health = f"http://127.0.0.1:{options.http_port}/health/status"
     waiting = [child.port for child in children]
-    while waiting and time.monotonic() < deadline and all(c.process.is_alive() for c in children):
+    while waiting and not stop and time.monotonic() < deadline and all(c.process.is_alive() for c in children):
         port = waiting[0]
         try:
             if port == options.http_port:
@@ -200,7 +209,7 @@ def _announce_ready(options: ServeOptions, children: list[_Child], limit_s: floa
             waiting.pop(0)
         except OSError:  # not yet (HTTPError, a 503 while loading, is an OSError too)
             time.sleep(0.2)
-    if not waiting:
+    if not waiting and not stop:
         logger.info(
             "ready: REST :%d, gRPC :%d, metrics :%d", options.http_port, options.grpc_port, options.metrics_port
         )
@@ -270,6 +279,7 @@ def _child(run: Callable[..., None], user: Any, metrics: Any, options: ServeOpti
     # The supervisor's handler came along with fork: a SIGTERM before this server installs
     # its own (gunicorn's, our gRPC drain) must stop it, not be noted and lost.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent across the fork
     os.setsid()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
