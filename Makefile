@@ -27,7 +27,12 @@ help:
 	@echo "make lint       ruff check and ruff format --check"
 	@echo "make bench      run benchmarks/ and update docs/benchmarks.md"
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# One stamp per set of extras: `make setup EXTRAS=onnx` (README's walk-through) and a later
+# `make test` (every extra) install into the same .venv, each what it needs.
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+$(STAMP): setup.cfg pyproject.toml
 	@test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found (install it, or set PYTHON312=/path/to/python3.12)"; exit 1; }
 	$(PYTHON312) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade "pip>=24"
@@ -40,7 +45,7 @@ $(VENV117)/.installed: setup.cfg pyproject.toml
 	$(VENV117)/bin/pip install -q $(SELDON117) -e ".[test]"
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(STAMP)
 
 setup-117: $(VENV117)/.installed
 
