@@ -190,29 +190,32 @@ def _signals_ignored(*signums: signal.Signals) -> Any:
             signal.signal(signum, handler)
 
 
-def _announce_ready(options: ServeOptions, children: list[_Child], stop: Any, limit_s: float = 600.0) -> None:
-    """One line once REST answers its health check (the model is loaded) and every port accepts;
-    nothing once a stop signal came (no polling a service that is draining)."""
+def service_ready(http_port: int, other_ports: list[int], host: str = "127.0.0.1") -> bool:
+    """REST answers its health check (the model is loaded) and every other port accepts: the
+    service's own announcement, `seldon-caffe bench` and the tests all wait on this."""
     import urllib.request
 
+    try:
+        with urllib.request.urlopen(f"http://{host}:{http_port}/health/status", timeout=2) as answer:
+            answer.read()
+        for port in other_ports:  # each server starts on its own: metrics may come up last
+            socket.create_connection((host, port), timeout=1).close()
+    except OSError:  # not yet (HTTPError, a 503 while loading, is an OSError too)
+        return False
+    return True
+
+
+def _announce_ready(options: ServeOptions, children: list[_Child], stop: Any, limit_s: float = 600.0) -> None:
+    """One line once the service is ready; nothing once a stop signal came (no polling a
+    service that is draining)."""
     deadline = time.monotonic() + limit_s
-    health = f"http://127.0.0.1:{options.http_port}/health/status"
-    waiting = [child.port for child in children]
-    while waiting and not stop and time.monotonic() < deadline and all(c.process.is_alive() for c in children):
-        port = waiting[0]
-        try:
-            if port == options.http_port:
-                with urllib.request.urlopen(health, timeout=2) as answer:
-                    answer.read()
-            else:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            waiting.pop(0)
-        except OSError:  # not yet (HTTPError, a 503 while loading, is an OSError too)
-            time.sleep(0.2)
-    if not waiting and not stop:
-        logger.info(
-            "ready: REST :%d, gRPC :%d, metrics :%d", options.http_port, options.grpc_port, options.metrics_port
-        )
+    others = [options.grpc_port, options.metrics_port]
+    while not stop and time.monotonic() < deadline and all(c.process.is_alive() for c in children):
+        if service_ready(options.http_port, others):
+            if not stop:
+                logger.info("ready: REST :%d, gRPC :%d, metrics :%d", options.http_port, *others)
+            return
+        time.sleep(0.2)
 
 
 class _StopSignal:

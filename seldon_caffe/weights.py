@@ -178,12 +178,12 @@ def _run_layer(net: CaffeNet, layer: caffe_pb2.LayerParameter, bottoms: list[np.
     import cv2
 
     definition = caffe_pb2.NetParameter(name=layer.name)
-    names = list(dict.fromkeys(layer.bottom))
-    if names:
+    values = dict(zip(layer.bottom, bottoms, strict=True))  # a blob read twice is fed once
+    if values:
         feed = definition.layer.add(name="__input", type="Input")
-        for name in names:
+        for name, value in values.items():
             feed.top.append(name)
-            feed.input_param.shape.add(dim=list(dict(zip(layer.bottom, bottoms, strict=True))[name].shape))
+            feed.input_param.shape.add(dim=list(value.shape))
     definition.layer.add().CopyFrom(layer)
     single = CaffeNet(definition, source=f"<layer {layer.name}>")
     try:
@@ -192,8 +192,7 @@ def _run_layer(net: CaffeNet, layer: caffe_pb2.LayerParameter, bottoms: list[np.
         pass  # learns nothing
     model = bytearray(single.caffemodel_bytes())
     cv_net = cv2.dnn.readNetFromCaffe(bytearray(single.prototxt_bytes()), model)
-    values = dict(zip(layer.bottom, bottoms, strict=True))
-    for name in names:
-        cv_net.setInput(np.ascontiguousarray(values[name], np.float32), name)
+    for name, value in values.items():
+        cv_net.setInput(np.ascontiguousarray(value, np.float32), name)
     outputs = cv_net.forwardAndRetrieve([layer.name])[0]
     return [np.asarray(o, np.float32) for o in outputs]

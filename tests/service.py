@@ -22,6 +22,8 @@ from typing import Any
 
 import requests
 
+from seldon_caffe.server import service_ready
+
 START_TIMEOUT_S = 180
 
 
@@ -111,23 +113,10 @@ def wait_ready(service: Service, timeout: float) -> None:
     while time.monotonic() < deadline:
         if service.process.poll() is not None:
             raise RuntimeError(f"service exited with {service.process.returncode}:\n{service.log()}")
-        # Each server starts on its own: the metrics one may still be importing when REST is up.
-        if _http_ready(service) and _port_open(service.grpc_port) and _port_open(service.metrics_port):
+        if service_ready(service.http_port, [service.grpc_port, service.metrics_port]):
             return
         time.sleep(0.3)
     raise TimeoutError(f"service not ready after {timeout}s:\n{service.log()}")
-
-
-def _http_ready(service: Service) -> bool:
-    try:
-        return requests.get(service.url + "/health/status", timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def stop(service: Service) -> None:

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,17 +189,14 @@ def _served(model_dir: Path, ports: dict[str, int], workers: int) -> Iterator[Pa
 
 
 def _wait_ready(process: subprocess.Popen, ports: dict[str, int], log: Path) -> None:
+    from ..server import service_ready
+
     deadline = time.monotonic() + START_TIMEOUT_S
-    health = f"http://127.0.0.1:{ports['rest']}/health/status"
     while time.monotonic() < deadline:
         if process.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-3:]
             raise SeldonCaffeError(f"the service stopped before it was ready (log {log}): {' | '.join(tail)}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(health, timeout=2):
-                pass
-            for port in (ports["grpc"], ports["metrics"]):  # the metrics server may come up last
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        if service_ready(ports["rest"], [ports["grpc"], ports["metrics"]]):
             return
         time.sleep(0.3)
     raise SeldonCaffeError(f"the service was not ready after {START_TIMEOUT_S} s (log: {log})")

@@ -16,19 +16,14 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..errors import SeldonCaffeError
+from ..server import GRPC_CODES
 
 PROTOCOLS = ("seldon-rest", "seldon-grpc")
 SELDON_PATH = "/api/v1.0/predictions"
 MAX_MESSAGE_BYTES = 256 * 2**20  # the client never limits what the server allows
-# gRPC code name -> the HTTP status with the same meaning (the server's own table, reversed)
-_HTTP_OF_GRPC = {
-    "OK": 200,
-    "INVALID_ARGUMENT": 400,
-    "NOT_FOUND": 404,
-    "RESOURCE_EXHAUSTED": 413,
-    "UNAVAILABLE": 503,
-    "DEADLINE_EXCEEDED": 504,
-}
+# gRPC code name -> the HTTP status with the same meaning: the server's table reversed (where
+# two statuses share a code, 400 and 415, the first one listed stands for it)
+_HTTP_OF_GRPC = {"OK": 200, **{code: status for status, code in reversed(GRPC_CODES.items())}}
 
 Sender = Callable[[], int]
 

@@ -157,6 +157,11 @@ def converts(*types: str) -> Callable[[Converter], Converter]:
     return register
 
 
+def value_dims(value: onnx.ValueInfoProto) -> list[int | None]:
+    """A graph value's dims: numbers, None where symbolic or unknown (the inverse of value_info)."""
+    return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+
+
 def value_info(name: str, dims: Sequence[int | str | None]) -> onnx.ValueInfoProto:
     """A float32 graph input/output; a str dim is symbolic (the batch), None unknown."""
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(dims))

@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .onnx_graph import value_dims
 from .torch_ops import OPS, Node, TorchBuilder, UnsupportedOp
 
 __all__ = ["UnsupportedOp", "fold_affine_into_conv", "onnx_to_torch", "save_torch"]
@@ -74,7 +75,7 @@ def save_torch(model: onnx.ModelProto, path: str | os.PathLike[str]) -> str:
     module, path = onnx_to_torch(model), Path(path)
     constants = {t.name for t in model.graph.initializer}
     inputs = [value for value in model.graph.input if value.name not in constants]
-    dims = [[d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim] for v in inputs]
+    dims = [value_dims(value) for value in inputs]
     examples = tuple(torch.zeros([2 if d is None else d for d in shape]) for shape in dims)  # export: 2, not 1
     partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")  # torch.export wants .pt2
     try:
@@ -113,8 +114,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     shapes = {}
     for value in [*inferred.input, *inferred.value_info, *inferred.output]:
         if value.type.tensor_type.HasField("shape"):
-            dims = value.type.tensor_type.shape.dim
-            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+            shapes[value.name] = value_dims(value)
     return shapes
 
 

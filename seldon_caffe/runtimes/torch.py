@@ -333,6 +333,7 @@ def load_caffe(config: ModelConfig, device: torch.device) -> tuple[Path, Any, li
     """
     import onnx
 
+    from ..caffe.onnx_graph import value_dims
     from ..caffe.to_torch import onnx_to_torch
     from ._onnx_source import converted_caffe_model, tensor_spec
 
@@ -341,8 +342,7 @@ def load_caffe(config: ModelConfig, device: torch.device) -> tuple[Path, Any, li
     module = onnx_to_torch(model).to(device)
     inputs = []
     for value in model.graph.input:
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
-        spec = tensor_spec(value.name, "float32", dims)
+        spec = tensor_spec(value.name, "float32", value_dims(value))
         inputs.append({"name": spec.name, "dtype": spec.dtype, "shape": list(spec.shape)})
     return path, module, inputs
 
