@@ -4,7 +4,7 @@ SHELL := /bin/bash
 
 VENV     ?= .venv
 VENV117  ?= .venv-117
-EXTRAS   ?= test,onnx,openvino,tensorflow,torch,torchvision,triton
+EXTRAS   ?= test,onnx,openvino,tensorflow,torch,torchvision,triton,mlserver
 # Python 3.12: seldon-core 1.19 needs it. Take python3.12 from PATH, else pyenv's.
 PYTHON312 ?= $(shell for p in python3.12 $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12; do \
 	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)

@@ -22,6 +22,14 @@ from .errors import SeldonCaffeError
 from .limits import MAX_REQUEST_BYTES_ENV, max_request_bytes
 from .paths import check_output_path
 
+PROTOCOLS = ("seldon", "v2")
+# port option -> (Seldon v1's pod variable and default, MLServer's (V2) variable and default)
+PORTS = {
+    "http_port": (("PREDICTIVE_UNIT_HTTP_SERVICE_PORT", 9000), ("MLSERVER_HTTP_PORT", 8080)),
+    "grpc_port": (("PREDICTIVE_UNIT_GRPC_SERVICE_PORT", 5000), ("MLSERVER_GRPC_PORT", 8081)),
+    "metrics_port": (("PREDICTIVE_UNIT_METRICS_SERVICE_PORT", 6000), ("MLSERVER_METRICS_PORT", 8082)),
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seldon-caffe", description=__doc__.splitlines()[0])
@@ -30,9 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve",
-        help="serve a model directory as a Seldon microservice",
-        description="Serve MODEL_DIR over Seldon's REST and gRPC APIs until SIGTERM/SIGINT (which drain "
-        "in-flight requests). Defaults come from Seldon's variables, as the operator sets them in a pod.",
+        help="serve a model directory as a microservice (Seldon v1 or V2 protocol)",
+        description="Serve MODEL_DIR until SIGTERM/SIGINT (which drain in-flight requests): over Seldon's "
+        "REST and gRPC APIs (--protocol seldon), or over the V2 / Open Inference Protocol on MLServer "
+        "(--protocol v2, as Seldon Core v2 and KServe speak it). Defaults come from the variables a pod "
+        "sets: Seldon's for seldon, MLServer's for v2.",
     )
     serve.add_argument(
         "model_dir",
@@ -40,13 +50,28 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         help="default: Seldon's model_dir parameter, $SELDON_CAFFE_MODEL_DIR, /mnt/models",
     )
-    serve.add_argument("--http-port", type=int, default=_env_int("PREDICTIVE_UNIT_HTTP_SERVICE_PORT", 9000))
-    serve.add_argument("--grpc-port", type=int, default=_env_int("PREDICTIVE_UNIT_GRPC_SERVICE_PORT", 5000))
-    serve.add_argument("--metrics-port", type=int, default=_env_int("PREDICTIVE_UNIT_METRICS_SERVICE_PORT", 6000))
-    serve.add_argument("--workers", type=int, default=_env_int("GUNICORN_WORKERS", 1), help="REST worker processes")
-    serve.add_argument("--threads", type=int, default=_env_int("GUNICORN_THREADS", 4), help="threads per REST worker")
-    serve.add_argument("--grpc-workers", type=int, default=_env_int("GRPC_WORKERS", 1), help="gRPC server processes")
-    serve.add_argument("--grpc-threads", type=int, default=_env_int("GRPC_THREADS", 4), help="threads per gRPC server")
+    serve.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default=os.environ.get("SELDON_CAFFE_PROTOCOL") or "seldon",
+        help="seldon (v1, the default; $SELDON_CAFFE_PROTOCOL) or v2 (needs the mlserver extra)",
+    )
+    for option, (seldon, v2) in PORTS.items():
+        serve.add_argument(
+            f"--{option.replace('_', '-')}",
+            type=int,
+            help=f"default ${seldon[0]} or {seldon[1]}; with --protocol v2, ${v2[0]} or {v2[1]}",
+        )
+    serve.add_argument("--workers", type=int, default=_env_int("GUNICORN_WORKERS", 1), help="REST processes (v1)")
+    serve.add_argument(
+        "--threads",
+        type=int,
+        default=_env_int("GUNICORN_THREADS", 4),
+        help="threads per REST worker (v1); with v2, the threads running hooks and the engine",
+    )
+    serve.add_argument("--grpc-workers", type=int, default=_env_int("GRPC_WORKERS", 1), help="gRPC processes (v1)")
+    grpc_threads = _env_int("GRPC_THREADS", 4)
+    serve.add_argument("--grpc-threads", type=int, default=grpc_threads, help="threads per gRPC process (v1)")
     serve.add_argument(
         "--max-request-mb",
         type=float,
@@ -93,10 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 def serve_command(args: argparse.Namespace) -> int:
     """Check the ports and that the model loads, then become the service (server.py) until
     SIGTERM/SIGINT."""
-    from .model import METADATA_ENV, MODEL_DIR_ENV, SeldonCaffeModel, seldon_parameter
+    from .config import MODEL_DIR_ENV, default_model_dir, seldon_parameter
     from .server import ServeOptions, check_ports, configure_logging
 
-    model_dir = (args.model_dir or Path(seldon_parameter("model_dir") or SeldonCaffeModel().model_dir)).resolve()
+    model_dir = (args.model_dir or default_model_dir()).resolve()
     counts = {name: getattr(args, name) for name in ("workers", "threads", "grpc_workers", "grpc_threads")}
     for name, value in counts.items():
         if value < 1:
@@ -107,34 +132,93 @@ def serve_command(args: argparse.Namespace) -> int:
     options = ServeOptions(
         model_dir=model_dir,
         runtime=args.runtime or seldon_parameter("runtime"),
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
+        protocol=args.protocol,
         max_request_bytes=max_request_bytes,
         verbose=args.verbose,
         **counts,
+        **_ports(args),
     )
     configure_logging(args.verbose)  # the check-load below logs conversions it caches
     check_ports(options)  # before the model load below, which can take a while
     # Every process of the service (and the hooks' payload checks) reads the same limit.
     os.environ[MAX_REQUEST_BYTES_ENV] = str(max_request_bytes)
     # Load once here: a broken model then stops start-up with our one-line message,
-    # instead of a gunicorn worker dying with a traceback in a loop. Its signature is
-    # handed to the servers, which must not open the model before they fork.
-    preflight = SeldonCaffeModel(str(model_dir), options.runtime)
-    preflight.load()
-    os.environ[METADATA_ENV] = json.dumps(preflight.init_metadata())
-    preflight.model.close()
+    # instead of a server dying with a traceback in a loop.
+    runtime = _check_load(options)
+    options = _batching_concurrency(options)
     os.environ[MODEL_DIR_ENV] = str(model_dir)
-    print(
-        f"serving {model_dir} ({preflight.model.name}): REST :{options.http_port} "
-        f"({options.workers}x{options.threads} threads), gRPC :{options.grpc_port} "
-        f"({options.grpc_workers}x{options.grpc_threads} threads), metrics :{options.metrics_port}",
-        flush=True,
-    )
+    if options.protocol == "v2":
+        print(
+            f"serving {model_dir} ({runtime}) over V2 on MLServer: REST :{options.http_port}, gRPC "
+            f":{options.grpc_port}, metrics :{options.metrics_port} ({options.threads} threads)",
+            flush=True,
+        )
+    else:
+        print(
+            f"serving {model_dir} ({runtime}): REST :{options.http_port} "
+            f"({options.workers}x{options.threads} threads), gRPC :{options.grpc_port} "
+            f"({options.grpc_workers}x{options.grpc_threads} threads), metrics :{options.metrics_port}",
+            flush=True,
+        )
     # A fresh interpreter supervises the servers: this one has started the model's engine.
     os.execv(sys.executable, [sys.executable, "-m", "seldon_caffe.server", options.to_json()])
     return 0  # not reached
+
+
+def _batching_concurrency(options: Any) -> Any:
+    """With batching on, requests merge only when they wait in one process at once: every
+    server gets at least max_batch_size threads. Processes do not share a queue, so with
+    --workers N each REST worker batches its own requests, and REST and gRPC never merge."""
+    from dataclasses import replace
+
+    from .config import load_config
+
+    batching = load_config(options.model_dir, options.runtime).batching
+    if batching is None:
+        return options
+    if options.workers > 1 or options.grpc_workers > 1:
+        print(
+            "seldon-caffe: warning: batching merges requests within one process; with several workers "
+            "(--workers, --grpc-workers) each batches only its own share",
+            file=sys.stderr,
+        )
+    need = batching.max_batch_size
+    return replace(options, threads=max(options.threads, need), grpc_threads=max(options.grpc_threads, need))
+
+
+def _check_load(options: Any) -> str:
+    """Load the model as the service will, then close it; the runtime's name.
+
+    Seldon's servers get the signature handed over ($SELDON_CAFFE_METADATA): they must not
+    open the model before they fork. The V2 route loads through the Pipeline alone, so it
+    never imports seldon_core.
+    """
+    if options.protocol == "v2":
+        import importlib.util
+
+        from .pipeline import Pipeline
+
+        if importlib.util.find_spec("mlserver") is None:
+            raise SeldonCaffeError("--protocol v2 runs MLServer, not installed: pip install 'seldon-caffe[mlserver]'")
+        pipeline = Pipeline.load(options.model_dir, options.runtime)
+        pipeline.close()
+        return pipeline.model.name
+    from .model import METADATA_ENV, SeldonCaffeModel
+
+    preflight = SeldonCaffeModel(str(options.model_dir), options.runtime)
+    preflight.load()
+    os.environ[METADATA_ENV] = json.dumps(preflight.init_metadata())
+    preflight.model.close()
+    return preflight.model.name
+
+
+def _ports(args: argparse.Namespace) -> dict[str, int]:
+    """Each port: the command line's, else the protocol's pod variable, else its default."""
+    column = 1 if args.protocol == "v2" else 0
+    return {
+        option: getattr(args, option) if getattr(args, option) is not None else _env_int(*pair[column])
+        for option, pair in PORTS.items()
+    }
 
 
 def predict_command(args: argparse.Namespace) -> int:

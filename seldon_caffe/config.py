@@ -6,16 +6,22 @@ person reading it is deploying a model and has nothing else to go on.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .batching import BatchingConfig, parse_batching
 from .errors import ConfigError
 
 CONFIG_FILE = "model.yaml"
+MODEL_DIR_ENV = "SELDON_CAFFE_MODEL_DIR"
+PARAMETERS_ENV = "PREDICTIVE_UNIT_PARAMETERS"  # Seldon's: [{"name", "value", "type"}]
+DEFAULT_MODEL_DIR = "/mnt/models"  # where Seldon's and KServe's storage initializers put the model
 
 # format -> the keys of `files` it needs
 FORMAT_FILES: dict[str, tuple[str, ...]] = {
@@ -43,7 +49,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "allow_non_finite": False,  # NaN/Inf in a float input: 400 unless true
 }
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-TOP_LEVEL = ("name", "format", "files", "runtime", "options", "hooks", "inputs", "outputs")
+TOP_LEVEL = ("name", "format", "files", "runtime", "options", "hooks", "inputs", "outputs", "batching")
 
 
 @dataclass
@@ -59,6 +65,7 @@ class ModelConfig:
     hooks: Path | None = None
     inputs: list[dict[str, Any]] | None = None
     outputs: list[dict[str, Any]] | None = None
+    batching: BatchingConfig | None = None  # off when model.yaml has no `batching:`
 
     @property
     def source(self) -> Path:
@@ -114,6 +121,7 @@ def parse_config(raw: dict[str, Any], model_dir: Path, runtime: str | None = Non
         hooks=_hooks(raw, model_dir, problem),
         inputs=_signature(raw.get("inputs"), "inputs", problem),
         outputs=_signature(raw.get("outputs"), "outputs", problem),
+        batching=parse_batching(raw.get("batching"), problem),
     )
 
 
@@ -235,3 +243,19 @@ def _signature(specs: Any, key: str, problem: _Reporter) -> list[dict[str, Any]]
         if unknown:
             problem(f"{key}[{i}].{unknown[0]}", "unknown field; allowed: name, dtype, shape")
     return specs
+
+
+def default_model_dir() -> Path:
+    """The model directory when none is given: Seldon's `model_dir` parameter, else
+    $SELDON_CAFFE_MODEL_DIR, else /mnt/models."""
+    return Path(seldon_parameter("model_dir") or os.environ.get(MODEL_DIR_ENV) or DEFAULT_MODEL_DIR)
+
+
+def seldon_parameter(name: str) -> str | None:
+    """A parameter of the SeldonDeployment's graph ($PREDICTIVE_UNIT_PARAMETERS), or None."""
+    try:
+        parameters = json.loads(os.environ.get(PARAMETERS_ENV) or "[]")
+    except json.JSONDecodeError:
+        return None
+    values = [p.get("value") for p in parameters if isinstance(p, dict) and p.get("name") == name]
+    return str(values[0]) if values else None

@@ -6,6 +6,17 @@ runtimes, the hooks machinery and the Caffe format stay free of Seldon.
 
 from __future__ import annotations
 
+# HTTP status -> the gRPC status code a client sees for it, over both protocols (DESIGN.md, "Errors")
+GRPC_CODES = {
+    400: "INVALID_ARGUMENT",
+    404: "NOT_FOUND",
+    413: "RESOURCE_EXHAUSTED",
+    415: "INVALID_ARGUMENT",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
 
 class SeldonCaffeError(Exception):
     """Base class: a message meant for the user, and the HTTP status it maps to."""

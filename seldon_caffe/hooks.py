@@ -41,6 +41,7 @@ class Context:
     meta: dict[str, Any] = field(default_factory=dict)
     names: list[str] = field(default_factory=list)
     payload_type: str = ""  # the payload's Python type as Seldon delivered it: ndarray, bytes, str, dict...
+    batch: list[Any] | None = None  # in a batch-safe run_model with batching on: the requests merged (BatchPart)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("seldon_caffe.hooks"))
 
     @property

@@ -1,8 +1,9 @@
 """SeldonCaffeModel: the Seldon user-model class, and the only module that knows Seldon.
 
-A request goes `predict` -> the hooks (hooks.py) -> the runtime (runtimes/). Errors raised
-on the way are the package's own (errors.py); here they become Seldon's exception with the
-right HTTP status, so the service answers 400/500/503 and keeps serving.
+A request goes `predict` -> the hooks (hooks.py) -> the runtime (runtimes/), through the
+protocol-free Pipeline (pipeline.py) that the V2 route (v2/) shares. Errors raised on the way
+are the package's own (errors.py); here they become Seldon's exception with the right HTTP
+status, so the service answers 400/500/503 and keeps serving.
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ import json
 import logging
 import os
 import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,48 +21,19 @@ from google.protobuf.json_format import ParseError
 from seldon_core.flask_utils import SeldonMicroserviceException
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from .config import load_config
-from .errors import BadRequest, HookError, ModelUnavailable, SeldonCaffeError
-from .hooks import Context, Hooks, request_context
+from .config import default_model_dir, load_config
+from .errors import BadRequest, ModelUnavailable, SeldonCaffeError
+from .hooks import Context, Hooks
+from .pipeline import Pipeline, RequestStats, check_finite, jsonable, log_failure, signature_metadata
 from .runtimes import Runtime, load_runtime, resolve_runtime
 
 logger = logging.getLogger(__name__)
 
-MODEL_DIR_ENV = "SELDON_CAFFE_MODEL_DIR"
 METADATA_ENV = "SELDON_CAFFE_METADATA"  # init_metadata's answer, from `seldon-caffe serve`
-PARAMETERS_ENV = "PREDICTIVE_UNIT_PARAMETERS"  # Seldon's: [{"name", "value", "type"}]
-DEFAULT_MODEL_DIR = "/mnt/models"  # where Seldon's storage initializer puts modelUri
-STAGES = ("preprocess", "run_model", "postprocess")
 # Seldon's REST endpoints whose request is a JSON message (check_message)
 _MESSAGE_ENDPOINTS = ("Predict", "SendFeedback", "TransformInput", "TransformOutput", "Route")
 # What Seldon's request decoding raises for a request it cannot read (see request_error)
 _DECODING_ERRORS = (ValueError, KeyError, TypeError, RecursionError, ParseError)
-
-# numpy dtype -> the V2 metadata datatype Seldon's metadata schema knows
-_V2_DATATYPES = {
-    "bool": "BOOL",
-    "uint8": "UINT8",
-    "uint16": "UINT16",
-    "uint32": "UINT32",
-    "uint64": "UINT64",
-    "int8": "INT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "float16": "FP16",
-    "float32": "FP32",
-    "float64": "FP64",
-}
-
-
-def seldon_parameter(name: str) -> str | None:
-    """A parameter of the SeldonDeployment's graph ($PREDICTIVE_UNIT_PARAMETERS), or None."""
-    try:
-        parameters = json.loads(os.environ.get(PARAMETERS_ENV) or "[]")
-    except json.JSONDecodeError:
-        return None
-    values = [p.get("value") for p in parameters if isinstance(p, dict) and p.get("name") == name]
-    return str(values[0]) if values else None
 
 
 class SeldonError(SeldonMicroserviceException):
@@ -83,61 +52,55 @@ class SeldonCaffeModel:
     """Serve one model directory. Seldon constructs it with the `model_dir` parameter."""
 
     def __init__(self, model_dir: str | None = None, runtime: str | None = None):
-        self.model_dir = Path(model_dir or os.environ.get(MODEL_DIR_ENV) or DEFAULT_MODEL_DIR)
+        self.model_dir = Path(model_dir) if model_dir else default_model_dir()
         self.runtime_override = runtime or None
-        self.model: Runtime | None = None
-        self.hooks: Hooks | None = None
-        self.context: Context | None = None
-        self._timings = threading.local()
+        self.pipeline: Pipeline | None = None  # set once loaded: health turns ready then
+        self._stats = threading.local()  # this thread's last request, for metrics()
+
+    @property
+    def model(self) -> Runtime | None:
+        return self.pipeline.model if self.pipeline else None
+
+    @property
+    def hooks(self) -> Hooks | None:
+        return self.pipeline.hooks if self.pipeline else None
+
+    @property
+    def context(self) -> Context | None:
+        return self.pipeline.context if self.pipeline else None
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def load(self) -> None:
         """Load model.yaml, the runtime and the hooks; run setup(). Raises ModelLoadError."""
-        if self.model is not None:
-            return
-        config = load_config(self.model_dir, self.runtime_override)
-        model = load_runtime(config)
-        hooks = Hooks(config.hooks)
-        context = Context(model_dir=config.model_dir, config=config, logger=logging.getLogger(f"hooks.{config.name}"))
-        context.state = hooks.setup(context)
-        self.hooks, self.context = hooks, context
-        self.model = model  # last: health turns ready only once everything above worked
-        logger.debug("loaded %s with runtime %s; %s", config.name, model.name, model.signature())
+        if self.pipeline is None:
+            self.pipeline = Pipeline.load(self.model_dir, self.runtime_override)
 
     def health_status(self) -> dict[str, Any]:
-        if self.model is None:
+        if self.pipeline is None:
             raise SeldonError(ModelUnavailable(f"model in {self.model_dir} is not loaded yet"))
-        return {"status": "ready", "model": self.context.config.name, "runtime": self.model.name}
+        return {"status": "ready", "model": self.pipeline.config.name, "runtime": self.pipeline.model.name}
 
     # -- requests ----------------------------------------------------------------------
 
     def predict(self, X: Any, names: list[str] | None = None, meta: dict[str, Any] | None = None) -> Any:
         """preprocess -> run_model -> postprocess, timing each stage for metrics()."""
-        timings: dict[str, float] = {}
-        self._timings.last = timings
+        stats = RequestStats()
+        self._stats.last = stats
         try:
-            if self.model is None:
+            if self.pipeline is None:
                 raise ModelUnavailable(f"model in {self.model_dir} is not loaded yet")
-            ctx = request_context(self.context, X, meta, names)
-            with _timed(timings, "preprocess"):
-                inputs = self.hooks.preprocess(X, ctx)
-            with _timed(timings, "run_model"):
-                outputs = self.hooks.run_model(self.model, inputs, ctx)
-            with _timed(timings, "postprocess"):
-                result = _jsonable(self.hooks.postprocess(outputs, ctx))
-            _check_finite(result)
+            result = jsonable(self.pipeline.answer(X, meta, names, stats))
+            if isinstance(result, np.ndarray):
+                check_finite(result)  # a binary (.npy) answer carries NaN; JSON cannot
         except SeldonCaffeError as error:
-            if error.status == 500:  # ours to fix: the traceback (with the hook's own) goes to the log
-                logger.error("request failed (%d): %s", error.status, error, exc_info=error)
-            else:
-                logger.warning("request failed (%d): %s", error.status, error)
+            log_failure(error)
             raise SeldonError(error) from error
         return result
 
     def request_started(self) -> None:
         """A new request on this thread: an error before predict() is one of decoding."""
-        self._timings.last = None
+        self._stats.last = None
 
     def request_error(self, exc: BaseException) -> SeldonMicroserviceException:
         """The status and message a request that raised `exc` gets, REST and gRPC alike.
@@ -159,7 +122,7 @@ class SeldonCaffeModel:
             error = SeldonMicroserviceException(
                 f"{exc.name}: {exc.description}{allowed}", status_code=exc.code, reason=_reason(exc.name)
             )
-        elif getattr(self._timings, "last", None) is None and isinstance(exc, _DECODING_ERRORS):
+        elif getattr(self._stats, "last", None) is None and isinstance(exc, _DECODING_ERRORS):
             message = (
                 f"the request could not be decoded ({type(exc).__name__}: {_first_line(exc)}); expected a Seldon "
                 'message such as {"data": {"ndarray": [[...]]}} with a rectangular array, binData, strData or jsonData'
@@ -180,18 +143,30 @@ class SeldonCaffeModel:
         return _decode_error_blueprint(self)
 
     def metrics(self) -> list[dict[str, Any]]:
-        """Per-stage timings of this thread's last request, as Seldon TIMER metrics.
+        """This thread's last request, as Seldon custom metrics: per-stage timings (TIMER),
+        and with batching on, the rows of the run that answered it and the queue it found.
 
         Seldon takes TIMER values in milliseconds and stores them divided by 1000, so the
-        histograms it exposes hold seconds: named `_seconds`, as Prometheus expects.
+        histograms it exposes hold seconds: named `_seconds`, as Prometheus expects. TIMER is
+        Seldon's only histogram, so the batch size goes through it too (value: rows x 1000,
+        Seldon's bins reach 30).
         """
-        timings = getattr(self._timings, "last", None) or {}
-        return [{"type": "TIMER", "key": f"seldon_caffe_{stage}_seconds", "value": ms} for stage, ms in timings.items()]
+        stats: RequestStats | None = getattr(self._stats, "last", None)
+        if stats is None:
+            return []
+        metrics = [
+            {"type": "TIMER", "key": f"seldon_caffe_{stage}_seconds", "value": ms} for stage, ms in stats.stages.items()
+        ]
+        if stats.batch_rows is not None:
+            metrics.append({"type": "TIMER", "key": "seldon_caffe_batch_size", "value": stats.batch_rows * 1000.0})
+        if stats.queue_depth is not None:
+            metrics.append({"type": "GAUGE", "key": "seldon_caffe_queue_depth", "value": stats.queue_depth})
+        return metrics
 
     def tags(self) -> dict[str, Any]:
-        if self.model is None:
+        if self.pipeline is None:
             return {}
-        return {"runtime": self.model.name, "model": self.context.config.name}
+        return {"runtime": self.pipeline.model.name, "model": self.pipeline.config.name}
 
     def init_metadata(self) -> dict[str, Any]:
         """The signature, in Seldon's V2 tensor metadata form (shown on /api/v1.0/metadata).
@@ -203,8 +178,8 @@ class SeldonCaffeModel:
         otherwise (s2i's run) a spawned process reads it. A model that cannot load reports
         nothing here and fails in load() with its real message.
         """
-        if self.model is not None:
-            return _metadata(self.context.config, self.model)
+        if self.pipeline is not None:
+            return self.pipeline.metadata()
         handed_over = os.environ.get(METADATA_ENV)
         if handed_over:
             return json.loads(handed_over)
@@ -219,7 +194,7 @@ def probe_metadata(model_dir: str, runtime: str | None = None) -> dict[str, Any]
     try:
         config = load_config(model_dir, runtime)
         with load_runtime(config) as probe:
-            return _metadata(config, probe)
+            return signature_metadata(config, probe)
     except SeldonCaffeError as error:
         logger.error("no metadata: %s", error)
         return {}
@@ -274,16 +249,6 @@ def check_message(message: Any) -> None:
 def _json_type(value: Any) -> str:
     kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
     return kinds.get(type(value), "a number")
-
-
-def _metadata(config: Any, model: Runtime) -> dict[str, Any]:
-    return {
-        "name": config.name,
-        "versions": [f"{config.format}/{model.name}"],
-        "platform": f"seldon-caffe/{model.name}",
-        "inputs": [_tensor_metadata(spec) for spec in model.inputs],
-        "outputs": [_tensor_metadata(spec) for spec in model.outputs],
-    }
 
 
 def describe(model_dir: str | Path, runtime: str | None = None) -> dict[str, Any]:
@@ -347,45 +312,6 @@ def warnings_for(model_dir: str | Path, runtime: str | None = None) -> list[str]
     return [f"{name} runtime, layer {layer} ({kind}): {reason}" for layer, kind, reason in find_gaps(name, layers)]
 
 
-@contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[stage] = (time.perf_counter() - start) * 1000.0
-
-
-def _tensor_metadata(spec: Any) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": _V2_DATATYPES.get(spec.dtype, "BYTES"), "shape": list(spec.shape)}
-
-
-def _jsonable(result: Any) -> Any:
-    """Let hooks return numpy values inside dicts and lists: Seldon's JSON encoder cannot."""
-    if isinstance(result, (np.ndarray, str, bytes)):
-        return result
-    if isinstance(result, (dict, list, tuple)):
-        try:
-            return json.loads(json.dumps(result, default=_numpy_default, allow_nan=False))
-        except ValueError:  # NaN or Inf somewhere inside
-            raise _non_finite_answer() from None
-    return result
-
-
-def _check_finite(result: Any) -> None:
-    """NaN and Inf have no JSON form: refuse to answer with them rather than send invalid
-    JSON (REST) or fail in Seldon's serializer (gRPC). A binary (.npy) answer carries them."""
-    if isinstance(result, np.ndarray) and result.dtype.kind in "fc" and not np.isfinite(result).all():
-        raise _non_finite_answer()
-
-
-def _non_finite_answer() -> SeldonCaffeError:
-    return SeldonCaffeError(
-        "the answer holds NaN or Inf, which JSON cannot carry; ask with binData for a .npy answer, "
-        "or replace them in a postprocess hook"
-    )
-
-
 def _wrong_method(exc: HTTPException) -> HTTPException:
     """Seldon's Flask app serves static files at every GET path, so GET on a POST-only route
     (/api/v1.0/predictions) comes out as 404; it is a 405 naming the method to use."""
@@ -410,11 +336,3 @@ def _first_line(exc: BaseException) -> str:
 
 def _reason(name: str) -> str:
     return "MICROSERVICE_" + name.upper().replace(" ", "_")
-
-
-def _numpy_default(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    raise HookError(f"hook postprocess returned a {type(value).__name__}, which cannot be sent as JSON")

@@ -1,9 +1,11 @@
 """`seldon-caffe init`: a new model directory from templates/.
 
 The directory gets model.yaml, a documented hooks.py, requirements.txt, .s2i/environment,
-a README and deploy/seldondeployment.yaml (from `k8s.build_manifest`, so it matches what
-`seldon-caffe k8s` prints). Given the model's files (`--from`), it copies them in and points
-model.yaml at them, so the directory serves at once.
+a README, deploy/seldondeployment.yaml (from `k8s.build_manifest`, so it matches what
+`seldon-caffe k8s` prints) and model-settings.json, which lets MLServer, and so Seldon Core v2
+and KServe, serve the directory over the V2 protocol with seldon_caffe.v2's runtime. Given
+the model's files (`--from`), it copies them in and points model.yaml at them, so the
+directory serves at once; a model-settings.json among them replaces ours.
 
 init never overwrites: it works out every path it would write first, and if any exists it
 refuses, lists them all and writes nothing. Re-running it is therefore always safe.
@@ -12,6 +14,7 @@ refuses, lists them all and writes nothing. Re-running it is therefore always sa
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -28,6 +31,7 @@ from .paths import check_output_dir
 
 TEMPLATES_ENV = "SELDON_CAFFE_TEMPLATES"
 MANIFEST = Path("deploy/seldondeployment.yaml")
+MODEL_SETTINGS = Path(k8s.MODEL_SETTINGS)
 
 # file extension -> (format, key of model.yaml's `files`)
 EXTENSIONS: dict[str, tuple[str, str]] = {
@@ -117,6 +121,7 @@ def plan_init(target: Path, fmt: str | None, sources: list[Path]) -> Plan:
             rel = path.relative_to(root)
             plan.texts[rel] = _render(path.read_text(), values, path)
     plan.texts[MANIFEST] = _manifest(name)
+    plan.texts[MODEL_SETTINGS] = json.dumps(k8s.model_settings(name), indent=2) + "\n"
     for rel in copies:  # the user's own hooks.py, README.md... replace the templates
         plan.texts.pop(rel, None)
     return plan
@@ -265,7 +270,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "init",
         help="make a new model directory from the templates",
         description="Make the model directory NAME: model.yaml, hooks.py, requirements.txt, .s2i/environment, "
-        "deploy/seldondeployment.yaml, README.md. Existing files are never overwritten.",
+        "deploy/seldondeployment.yaml, model-settings.json (for MLServer: Seldon Core v2, KServe), README.md. "
+        "Existing files are never overwritten.",
     )
     parser.add_argument("target", type=Path, metavar="NAME", help="the directory to create (its name names the model)")
     parser.add_argument("--format", choices=sorted(FORMAT_FILES), help="default: detected from --from, else caffe")

@@ -45,27 +45,17 @@ from typing import Any
 
 import grpc
 
-from .errors import SeldonCaffeError
+from .errors import GRPC_CODES, SeldonCaffeError
 from .limits import DEFAULT_MAX_REQUEST_BYTES
 
 logger = logging.getLogger("seldon_caffe.server")  # also when run as __main__
 
+LOG_FORMAT = "%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s"
 DRAIN_S = 8  # after SIGTERM, in-flight requests have this long to finish
 STOP_S = 9.5  # then every process of the service is gone (SIGKILL), well inside 10 s
 WORKER_TIMEOUT_S = 120  # gunicorn restarts a REST worker whose main loop is stuck this long
 _PR_SET_PDEATHSIG = 1
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-
-# HTTP status -> the gRPC status code a client sees for it (DESIGN.md, "Errors")
-GRPC_CODES = {
-    400: "INVALID_ARGUMENT",
-    404: "NOT_FOUND",
-    413: "RESOURCE_EXHAUSTED",
-    415: "INVALID_ARGUMENT",
-    500: "INTERNAL",
-    503: "UNAVAILABLE",
-    504: "DEADLINE_EXCEEDED",
-}
 
 
 @dataclass(frozen=True)
@@ -74,6 +64,7 @@ class ServeOptions:
 
     model_dir: Path
     runtime: str | None = None
+    protocol: str = "seldon"  # or "v2": MLServer (v2/serve.py) instead of Seldon's servers
     http_port: int = 9000
     grpc_port: int = 5000
     metrics_port: int = 6000
@@ -108,8 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     its check-load passed. A fresh interpreter matters: the check-load started the model's
     engine (TensorFlow's and torch's thread pools), and engines do not survive the fork that
     makes each server; this process never starts one."""
+    options = ServeOptions.from_json((argv or sys.argv[1:])[0])
     try:
-        return serve(ServeOptions.from_json((argv or sys.argv[1:])[0]))
+        if options.protocol == "v2":
+            from .v2.serve import serve_v2
+
+            return serve_v2(options)
+        return serve(options)
     except SeldonCaffeError as error:
         print(f"seldon-caffe: error: {error}", file=sys.stderr)
         return 1
@@ -122,15 +118,13 @@ def serve(options: ServeOptions) -> int:
     taken port is reported at once.
     """
     configure_logging(options.verbose)
-    from seldon_core.metrics import SeldonMetrics
-
     from .model import SeldonCaffeModel
 
     # One metrics store for every server (Seldon's: a multiprocessing manager process). It is
     # started with SIGINT/SIGTERM ignored: a terminal's Ctrl-C reaches the whole process group,
     # and the servers' exit hooks still write to it while they drain; it is shut down below.
     with _signals_ignored(signal.SIGINT, signal.SIGTERM):
-        metrics = SeldonMetrics(worker_id_func=os.getpid)
+        metrics = _metrics_store()
     user = SeldonCaffeModel(str(options.model_dir), options.runtime)
     fork = multiprocessing.get_context("fork")  # as Seldon does: the children share `metrics`
 
@@ -141,7 +135,7 @@ def serve(options: ServeOptions) -> int:
     children += [server("gRPC", options.grpc_port, _run_grpc) for _ in range(options.grpc_workers)]
     children.append(server("metrics", options.metrics_port, _run_metrics))
 
-    stop_signal = _StopSignal()
+    stop_signal = StopSignal()
     for child in children:
         # Blocked across the fork: a stop signal in the moment a child starts waits, in the
         # child, until it has reset the handler the fork copied (then it stops it), and, here,
@@ -152,7 +146,8 @@ def serve(options: ServeOptions) -> int:
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         logger.debug("%s: pid %d", child.describe(), child.process.pid)
-    threading.Thread(target=_announce_ready, args=(options, children, stop_signal), daemon=True).start()
+    alive = partial(_all_alive, children)
+    threading.Thread(target=announce_ready, args=(options, alive, stop_signal), daemon=True).start()
     try:
         failed = _supervise(children, stop_signal)
     finally:
@@ -168,14 +163,32 @@ def serve(options: ServeOptions) -> int:
     return 0
 
 
+def _metrics_store() -> Any:
+    """Seldon's SeldonMetrics, safe for the threads of one server.
+
+    Its update() reads the worker's metrics from the shared store, adds to them and writes
+    them back, each step under the store's lock but not the whole: two threads of one server
+    (gunicorn's gthread, the gRPC pool) updating at once lose one's update (8 of 24 requests
+    counted, measured). One lock per process around the whole update; processes never race,
+    each writes only its own worker entry.
+    """
+    from seldon_core.metrics import SeldonMetrics
+
+    class ThreadSafeMetrics(SeldonMetrics):
+        _update_lock = threading.Lock()  # copied unlocked into each forked server
+
+        def update(self, custom_metrics: list[dict], method: str) -> None:
+            with self._update_lock:
+                super().update(custom_metrics, method)
+
+    return ThreadSafeMetrics(worker_id_func=os.getpid)
+
+
 def configure_logging(verbose: bool) -> None:
     """Quiet by default: the service's own lines (what it serves, when it is ready, conversions
     cached, every failed request). `verbose` adds Seldon's and Flask's start-up dumps and each
     process's own progress."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=LOG_FORMAT)
     logging.getLogger("seldon_caffe").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
@@ -190,35 +203,51 @@ def _signals_ignored(*signums: signal.Signals) -> Any:
             signal.signal(signum, handler)
 
 
-def service_ready(http_port: int, other_ports: list[int], host: str = "127.0.0.1") -> bool:
-    """REST answers its health check (the model is loaded) and every other port accepts: the
-    service's own announcement, `seldon-caffe bench` and the tests all wait on this."""
+def service_ready(http_port: int, other_ports: list[int], host: str = "127.0.0.1", protocol: str = "seldon") -> bool:
+    """REST says the model is loaded and every other port accepts: the service's own
+    announcement, `seldon-caffe bench` and the tests all wait on this."""
     import urllib.request
 
+    base = f"http://{host}:{http_port}"
     try:
-        with urllib.request.urlopen(f"http://{host}:{http_port}/health/status", timeout=2) as answer:
-            answer.read()
+        if protocol == "v2":
+            # /v2/health/ready is all([]) until MLServer has registered the models it is
+            # loading: ready means the repository lists models, each READY.
+            headers = {"Content-Type": "application/json"}
+            request = urllib.request.Request(f"{base}/v2/repository/index", b"{}", headers, method="POST")
+            with urllib.request.urlopen(request, timeout=2) as answer:
+                models = json.loads(answer.read())
+            if not models or any(model.get("state") != "READY" for model in models):
+                return False
+        else:
+            with urllib.request.urlopen(f"{base}/health/status", timeout=2) as answer:
+                answer.read()
         for port in other_ports:  # each server starts on its own: metrics may come up last
             socket.create_connection((host, port), timeout=1).close()
-    except OSError:  # not yet (HTTPError, a 503 while loading, is an OSError too)
+    except (OSError, ValueError):  # not yet (HTTPError, a 503 while loading, is an OSError too)
         return False
     return True
 
 
-def _announce_ready(options: ServeOptions, children: list[_Child], stop: Any, limit_s: float = 600.0) -> None:
+def announce_ready(options: ServeOptions, alive: Callable[[], bool], stop: Any, limit_s: float = 600.0) -> None:
     """One line once the service is ready; nothing once a stop signal came (no polling a
-    service that is draining)."""
+    service that is draining) or its servers stopped being `alive`."""
     deadline = time.monotonic() + limit_s
     others = [options.grpc_port, options.metrics_port]
-    while not stop and time.monotonic() < deadline and all(c.process.is_alive() for c in children):
-        if service_ready(options.http_port, others):
+    protocol = "V2 " if options.protocol == "v2" else ""
+    while not stop and time.monotonic() < deadline and alive():
+        if service_ready(options.http_port, others, protocol=options.protocol):
             if not stop:
-                logger.info("ready: REST :%d, gRPC :%d, metrics :%d", options.http_port, *others)
+                logger.info("ready: %sREST :%d, gRPC :%d, metrics :%d", protocol, options.http_port, *others)
             return
         time.sleep(0.2)
 
 
-class _StopSignal:
+def _all_alive(children: list[_Child]) -> bool:
+    return all(child.process.is_alive() for child in children)
+
+
+class StopSignal:
     """SIGTERM/SIGINT in the parent: note it; the supervision loop does the rest."""
 
     def __init__(self) -> None:
@@ -233,7 +262,7 @@ class _StopSignal:
         return bool(self.name)
 
 
-def _supervise(children: list[_Child], stop_signal: _StopSignal) -> _Child | None:
+def _supervise(children: list[_Child], stop_signal: StopSignal) -> _Child | None:
     """Wait for a stop signal (None) or for a child to exit on its own (that child)."""
     sentinels = {child.process.sentinel: child for child in children}
     while not stop_signal:
@@ -284,11 +313,16 @@ def _child(run: Callable[..., None], user: Any, metrics: Any, options: ServeOpti
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent across the fork
     os.setsid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    die_with_parent()
     if os.getppid() == 1:  # the parent died before prctl took effect
         return
     run(user, metrics, options)
+
+
+def die_with_parent() -> None:
+    """SIGTERM this process when its parent dies, however it dies (Linux; elsewhere a no-op)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _run_rest(user: Any, metrics: Any, options: ServeOptions) -> None:

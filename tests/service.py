@@ -1,7 +1,8 @@
 """Start the real microservice (`seldon-caffe serve`) on free ports and talk to it.
 
-Tests use `running_service(model_dir)`; it waits until Seldon's /health/status says the model
-loaded and the gRPC and metrics ports accept connections, and stops the whole process group afterwards.
+Tests use `running_service(model_dir)`; it waits until the health check says the model loaded
+(Seldon's /health/status, or /v2/health/ready with `--protocol v2`) and the gRPC and metrics
+ports accept connections, and stops the whole process group afterwards.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Service:
     grpc_port: int
     metrics_port: int
     log_path: Path
+    protocol: str = "seldon"
 
     @property
     def url(self) -> str:
@@ -96,7 +98,8 @@ def start_service(
             env={**os.environ, **(env or {})},
             start_new_session=True,  # our own process group: stop() reaches gunicorn and gRPC children
         )
-    return Service(process, *ports, log_path=log)
+    protocol = extra_args[extra_args.index("--protocol") + 1] if "--protocol" in extra_args else "seldon"
+    return Service(process, *ports, log_path=log, protocol=protocol)
 
 
 def strict_json(content: str | bytes) -> Any:
@@ -113,7 +116,7 @@ def wait_ready(service: Service, timeout: float) -> None:
     while time.monotonic() < deadline:
         if service.process.poll() is not None:
             raise RuntimeError(f"service exited with {service.process.returncode}:\n{service.log()}")
-        if service_ready(service.http_port, [service.grpc_port, service.metrics_port]):
+        if service_ready(service.http_port, [service.grpc_port, service.metrics_port], protocol=service.protocol):
             return
         time.sleep(0.3)
     raise TimeoutError(f"service not ready after {timeout}s:\n{service.log()}")

@@ -4,7 +4,8 @@ schemathesis turns `seldon_core/openapi/seldon.json` (shipped inside seldon-core
 requests, schema-conforming and schema-violating alike, and sends them to three real
 services: the vision and ranking examples (their hooks) and LeNet with the default hooks.
 Whatever a client sends, the service must answer without a 5xx and with valid JSON: a 4xx
-that says what was wrong is fine, a 500 or a NaN token in the body is a bug.
+that says what was wrong is fine, a 500 or a NaN token in the body is a bug. The send loop
+and these checks are shared with test_v2_fuzz.py (the same over V2): tests/fuzzing.py.
 
 Seldon's document describes the internal form endpoints (`/predict` and friends, a `json`
 form field) but not the JSON API every client uses, `POST /api/v1.0/predictions`, and it
@@ -17,19 +18,15 @@ from __future__ import annotations
 import copy
 import importlib.resources
 import json
-import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 import schemathesis
 from conftest import EXAMPLES, copy_model
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
-from schemathesis import GenerationMode
+from fuzzing import cases, fuzz
 from service import Service, running_service, strict_json
 
 PREDICTIONS = "/api/v1.0/predictions"
@@ -119,71 +116,10 @@ def request_for(case: Any, base_url: str) -> dict[str, Any]:
     return kwargs
 
 
-def describe(request: requests.PreparedRequest) -> str:
-    """Enough of a request to send it again."""
-    body = request.body if isinstance(request.body, bytes) else (request.body or "").encode()
-    kind = request.headers.get("Content-Type", "no Content-Type")
-    return f"{request.method} {request.url}\n  {kind}, {len(body)} bytes: {body[:1500]!r}"
-
-
-def problem(case: Any, base_url: str) -> tuple[str, str] | None:
-    """Send `case`; what is wrong with the answer (kind, details with the request), or None."""
-    kwargs = request_for(case, base_url)
-    try:
-        response = requests.request(**kwargs, timeout=60)
-    except requests.RequestException as exc:  # the connection dropped: as bad as a 500
-        return f"no answer ({type(exc).__name__})", f"{str(exc)[:500]}\n  request: {kwargs['method']} {kwargs['url']}"
-    request = describe(response.request)
-    body = response.content[:500]
-    if response.status_code >= 500:
-        return f"HTTP {response.status_code}", f"{body!r}\n  request: {request}"
-    try:
-        strict_json(response.content)
-    except ValueError as exc:
-        kind = f"HTTP {response.status_code} with a body that is not JSON ({type(exc).__name__})"
-        return kind, f"{exc}: {body!r}\n  request: {request}"
-    return None
-
-
-def server_side(log: str) -> str:
-    """The service's tracebacks (each 500 logs one), else the end of its log."""
-    tracebacks = list(dict.fromkeys(re.findall(r"Traceback \(most recent call last\):\n(?:[ \t].*\n)+\S.*", log)))
-    if tracebacks:
-        return "\n\nthe service's tracebacks:\n" + "\n\n".join(t[-3000:] for t in tracebacks[:3])
-    return f"\n\nservice log (end):\n{log[-3000:]}"
-
-
 @pytest.mark.parametrize("operation", OPERATIONS, ids=lambda op: f"{op.method.upper()} {op.path}")
 def test_no_request_gets_a_5xx_or_invalid_json(service: Service, operation: Any) -> None:
     examples = EXAMPLES_PER_OPERATION.get((operation.method.upper(), operation.path), OTHER_EXAMPLES)
-    cases = st.one_of(operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE))
-    sent: list[int] = []
-    failures: dict[str, list[str]] = {}  # what went wrong -> the requests it happened to
-    log_start = len(service.log())
-
-    # Fixed seed, no example database, no shrinking: the same cases every run, and a failure
-    # costs no minutes of replays against a live server. Failures are collected, not raised,
-    # so one run lists every bad request.
-    @settings(
-        max_examples=examples,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        phases=[Phase.explicit, Phase.generate],
-        suppress_health_check=list(HealthCheck),
-    )
-    @given(case=cases)
-    def send(case: Any) -> None:
-        sent.append(1)
-        found = problem(case, service.url)
-        if found:
-            failures.setdefault(found[0], []).append(found[1])
-
-    send()
-    assert len(sent) >= examples, f"only {len(sent)} cases generated"
-    assert service.process.poll() is None, service.log()
-    report = [f"{len(seen)} x {kind}, e.g.\n  {min(seen, key=len)[:2500]}" for kind, seen in failures.items()]
-    assert not failures, "\n\n".join(report) + server_side(service.log()[log_start:])
+    fuzz(service, cases(operation), examples, request_for=request_for)
 
 
 # Requests gunicorn itself refuses before Seldon's app sees them: the answer a client gets

@@ -7,6 +7,8 @@ SELDON_CAFFE_APP_DIR), with this venv standing in for the builder image's Python
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import shutil
@@ -95,6 +97,7 @@ def lenet_dir(tmp_path_factory: pytest.TempPathFactory, lenet_files: list[Path])
 
 def test_init_then_s2i_assemble_and_run_answers_over_rest(lenet_dir, tmp_path):
     expected = {".s2i/environment", "README.md", "deploy/seldondeployment.yaml", "hooks.py", "model.yaml"}
+    expected.add("model-settings.json")
     assert expected | {"requirements.txt", "lenet.prototxt", "lenet.caffemodel"} == {
         str(p.relative_to(lenet_dir)) for p in lenet_dir.rglob("*") if p.is_file()
     }
@@ -119,17 +122,7 @@ def test_init_then_s2i_assemble_and_run_answers_over_rest(lenet_dir, tmp_path):
         PREDICTIVE_UNIT_PARAMETERS=f'[{{"name": "model_dir", "value": "{app}", "type": "STRING"}}]',
         SELDON_CAFFE_MODEL_DIR=str(tmp_path / "not-here"),
     )
-    log = Path(tempfile.mkstemp(prefix="s2i-run-", suffix=".log", dir=tmp_path)[1])
-    with open(log, "wb") as log_file:
-        process = subprocess.Popen(
-            [str(S2I / "bin/run")],
-            env=env,
-            cwd=tmp_path,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    service = Service(process, *ports, log_path=log)
+    service = start_s2i_run(env, tmp_path, ports)
     try:
         wait_ready(service, timeout=180)
         x = np.random.default_rng(1).random((2, 1, 28, 28), dtype=np.float32)
@@ -184,11 +177,71 @@ def test_assemble_without_model_yaml_leaves_the_model_to_run_time(tmp_path):
     assert "No model.yaml" in built.stdout and (app / "hooks.py").is_file()
 
 
-def test_run_refuses_settings_that_are_not_counts(tmp_path):
-    env = command_env(SELDON_CAFFE_APP_DIR=str(tmp_path), GUNICORN_WORKERS="two")
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"GUNICORN_WORKERS": "two"}, "GUNICORN_WORKERS=two: expected a positive integer"),
+        ({"SELDON_CAFFE_PROTOCOL": "v3"}, "SELDON_CAFFE_PROTOCOL=v3: expected seldon or v2"),
+        ({"SELDON_CAFFE_PROTOCOL": "v2", "MLSERVER_GRPC_PORT": "grpc"}, "MLSERVER_GRPC_PORT=grpc: expected a positive"),
+    ],
+)
+def test_run_refuses_settings_that_are_not_counts(tmp_path, settings, message):
+    env = command_env(SELDON_CAFFE_APP_DIR=str(tmp_path), **settings)
     done = subprocess.run([str(S2I / "bin/run")], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
-    assert "GUNICORN_WORKERS=two: expected a positive integer" in done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("error: ") and message in line
+
+
+def start_s2i_run(env: dict[str, str], tmp_path: Path, ports: list[int], protocol: str = "seldon") -> Service:
+    """s2i/bin/run as the image starts it, its output in a log file; not waited for."""
+    log = Path(tempfile.mkstemp(prefix="s2i-run-", suffix=".log", dir=tmp_path)[1])
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(
+            [str(S2I / "bin/run")],
+            env=env,
+            cwd=tmp_path,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Service(process, *ports, log_path=log, protocol=protocol)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("seldon_caffe.v2") is None, reason="seldon_caffe.v2 is not there yet")
+def test_s2i_run_with_protocol_v2_answers_over_v2(lenet_dir, tmp_path):
+    """The image's other protocol: SELDON_CAFFE_PROTOCOL=v2 makes s2i/bin/run serve V2 on MLServer's ports."""
+    _, app, env = s2i_layout(tmp_path, lenet_dir)
+    built = assemble(env)
+    assert built.returncode == 0, built.stdout + built.stderr
+    ports = [free_port() for _ in range(3)]
+    env.update(
+        SELDON_CAFFE_PROTOCOL="v2",
+        MLSERVER_HTTP_PORT=str(ports[0]),
+        MLSERVER_GRPC_PORT=str(ports[1]),
+        MLSERVER_METRICS_PORT=str(ports[2]),
+    )
+    service = start_s2i_run(env, tmp_path, ports, protocol="v2")
+    x = np.random.default_rng(1).random((2, 1, 28, 28), dtype=np.float32)
+    request = {"inputs": [{"name": "data", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    try:
+        wait_ready(service, timeout=180)
+        response = service.post(request, path="/v2/models/lenet/infer")
+    finally:
+        stop(service)
+    assert response.status_code == 200, response.text
+    assert "with seldon-caffe over the V2 protocol (MLServer)" in service.log()
+    (output,) = [o for o in response.json()["outputs"] if o["name"] == "prob"]
+    prob = np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+
+    from seldon_caffe.model import SeldonCaffeModel  # the same model, no service in between
+
+    direct = SeldonCaffeModel(str(app))
+    direct.load()
+    try:
+        assert np.allclose(direct.model.run(x)["prob"], prob, atol=1e-5)
+    finally:
+        direct.model.close()
 
 
 def test_usage_explains_the_builder():
@@ -212,6 +265,8 @@ def test_dockerfiles_are_s2i_builders(dockerfile):
     for line in re.findall(r"^COPY (.+) \S+$", text, re.MULTILINE):
         for source in line.split():
             assert (REPO / source).exists(), f"{dockerfile} copies {source}, which the repository lacks"
+    # the V2 protocol's MLServer by default (s2i/bin/run's SELDON_CAFFE_PROTOCOL=v2, `k8s --target seldon-v2|kserve`)
+    assert "ARG WITH_MLSERVER=1" in text and "mlserver" in text and "8080" in text.split("EXPOSE")[-1]
     if dockerfile == "Dockerfile":
         assert "FROM python:3.12-slim" in text
     else:
@@ -230,6 +285,33 @@ def test_init_refuses_to_overwrite_and_writes_nothing(tmp_path, capsys):
     assert f"{target / 'hooks.py'}\n" in err and f"{target / 'model.yaml'}\n" in err
     assert sorted(p.name for p in target.iterdir()) == ["hooks.py", "model.yaml"]
     assert (target / "model.yaml").read_text() == "mine\n"
+
+
+def test_init_writes_model_settings_that_mlserver_accepts(tmp_path, monkeypatch, capsys):
+    """model-settings.json: our runtime's class by name (seldon_caffe.v2 is not imported), the
+    model named as `k8s` names the deployment, and its files where MLServer looks by default."""
+    settings = pytest.importorskip("mlserver.settings")
+    from mlserver.repository.load import load_model_settings
+
+    for name in [name for name in os.environ if name.startswith("MLSERVER_")]:
+        monkeypatch.delenv(name)  # the file alone decides
+    plan = scaffold.init_model_dir(tmp_path / "My Model")
+    path = plan.target / "model-settings.json"
+    implementation = "seldon_caffe.v2.SeldonCaffeRuntime"
+    assert json.loads(path.read_text()) == {"name": "my-model", "implementation": implementation}
+    assert settings.ModelSettings.parse_file(str(path)).implementation_ == implementation
+    loaded = load_model_settings(str(path))
+    assert loaded.name == "my-model" and loaded.parameters.uri == str(plan.target)  # the model directory
+    assert cli.main(["k8s", str(plan.target), "--image", "my-model:1", "--target", "kserve"]) == 0
+    assert "name: my-model\n" in capsys.readouterr().out  # the InferenceService: MLServer's model name
+
+
+def test_init_keeps_the_users_own_model_settings(tmp_path):
+    onnx, own = tmp_path / "net.onnx", tmp_path / "model-settings.json"
+    onnx.write_text("# mine\n")
+    own.write_text('{"name": "mine", "implementation": "seldon_caffe.v2.SeldonCaffeRuntime"}\n')
+    plan = scaffold.init_model_dir(tmp_path / "onnx-model", sources=[onnx, own])
+    assert json.loads((plan.target / "model-settings.json").read_text())["name"] == "mine"
 
 
 def test_init_without_files_names_placeholders(tmp_path):

@@ -26,6 +26,7 @@ import tempfile
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -438,3 +439,71 @@ def test_service_answers_like_real_caffe_and_survives_a_killed_worker(model_dir:
             assert len(statuses) < 5000, "no 503 seen"
         assert statuses.count(503) == 1, statuses
         assert statuses[-5:] == [200] * 5
+
+
+@needs_caffe
+def test_v2_service_answers_like_real_caffe_and_a_dead_worker_is_503_and_unavailable(model_dir: Path) -> None:
+    """The same over V2 on MLServer: killing the workers costs one request, a 503 over REST
+    and UNAVAILABLE over gRPC (each transport in turn), then answers come as before."""
+    pytest.importorskip("mlserver", reason="the V2 route needs the mlserver extra")
+    import grpc
+    import requests
+    from mlserver.grpc import dataplane_pb2, dataplane_pb2_grpc
+    from mlserver.grpc.converters import ModelInferResponseConverter
+
+    x = _images(2, seed=5)
+    expected = reference.forward(model_dir / "deploy.prototxt", model_dir / "weights.caffemodel", {"data": x})["prob"]
+    tensor = {"name": "data", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}
+    grpc_request = dataplane_pb2.ModelInferRequest(model_name="lenet-pycaffe")
+    grpc_request.inputs.add(name="data", datatype="FP32", shape=list(x.shape)).contents.fp32_contents.extend(
+        tensor["data"]
+    )
+
+    def prob(answer: dict) -> np.ndarray:
+        (output,) = answer["outputs"]
+        return np.float32(output["data"]).reshape(output["shape"])
+
+    with running_service(model_dir, "--protocol", "v2") as service:
+        url = f"{service.url}/v2/models/lenet-pycaffe/infer"
+        stub = dataplane_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}"))
+
+        def over_rest() -> tuple[str, object]:
+            reply = requests.post(url, json={"inputs": [tensor]}, timeout=120)
+            return ("OK", prob(reply.json())) if reply.status_code == 200 else (str(reply.status_code), reply.text)
+
+        def over_grpc() -> tuple[str, object]:
+            try:
+                answer = stub.ModelInfer(grpc_request, timeout=120)
+            except grpc.RpcError as error:
+                return error.code().name, error.details()
+            return "OK", prob(ModelInferResponseConverter.to_types(answer).model_dump())
+
+        def kill_workers_while_asking(ask: Callable[[], tuple[str, object]], dead: str) -> None:
+            status, answer = ask()
+            assert status == "OK", answer
+            _assert_close(answer, expected)
+            workers = [pid for pid in process_tree(service.process.pid) if is_pycaffe_worker(pid)]
+            assert workers, "no pycaffe worker below the service"
+            statuses: list[str] = []
+            killed = threading.Event()
+
+            def kill_soon() -> None:
+                time.sleep(0.3)
+                for pid in workers:
+                    os.kill(pid, signal.SIGKILL)
+                killed.set()
+
+            threading.Thread(target=kill_soon).start()
+            while not (killed.is_set() and dead in statuses and statuses[-5:] == ["OK"] * 5):
+                status, answer = ask()
+                statuses.append(status)
+                if status == "OK":
+                    _assert_close(answer, expected)
+                else:
+                    assert status == dead and "killed by SIGKILL" in answer, (status, answer)
+                assert len(statuses) < 5000, f"no {dead} seen"
+            assert statuses.count(dead) == 1, statuses
+            assert not [pid for pid in workers if alive(pid)], "a killed worker is still there"
+
+        kill_workers_while_asking(over_rest, "503")
+        kill_workers_while_asking(over_grpc, "UNAVAILABLE")

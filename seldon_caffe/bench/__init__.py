@@ -8,7 +8,8 @@ processes (clients.py, load.py), and a report (report.py) with the server's own 
 read from its metrics endpoint, so it shows where the time goes: wire and decoding, or the model.
 
 TARGET is a running service (`http://HOST:PORT`, `HOST:PORT`) or a model directory, which bench
-serves itself on free ports (`seldon-caffe serve`) for the run and stops afterwards.
+serves itself on free ports (`seldon-caffe serve`, with `--protocol v2` for the V2 protocols) for
+the run and stops afterwards. Over V2 the model is the one the server lists as ready, or --model.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from pathlib import Path
 
 from ..errors import SeldonCaffeError
 from ..paths import check_output_path
-from .clients import PROTOCOLS, Request, host_port
+from .clients import PROTOCOLS, Request, host_port, v2_infer_proto, v2_model
 from .load import Plan, processes_for, run_level
 from .report import plot, scrape_stages, stage_ms, summarize, table, write_csv
 
-DEFAULT_PORTS = {"seldon-rest": 9000, "seldon-grpc": 5000}
+DEFAULT_PORTS = {"seldon-rest": 9000, "seldon-grpc": 5000, "v2-rest": 8080, "v2-grpc": 8081}
 START_TIMEOUT_S = 300
 
 
@@ -48,9 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--request",
         type=Path,
         required=True,
-        help="the request: a Seldon JSON message (.json), or a file sent as binData",
+        help="the request: a Seldon message (.json; over V2 an inference request), or a file sent as binData "
+        "(over V2: a BYTES input, the model's first)",
     )
     parser.add_argument("--protocol", choices=PROTOCOLS, default="seldon-rest")
+    parser.add_argument("--model", help="V2: the model to load (default: the one the server lists as ready)")
     parser.add_argument("--concurrency", type=_levels, default=[1, 2, 4, 8], help="clients, e.g. 1,2,4,8 (default)")
     parser.add_argument("--rate", type=float, help="open loop instead: this many requests per second in all")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per level (default 10)")
@@ -58,7 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--metrics", help="the service's Prometheus URL, for its stage timings (e.g. http://HOST:6000/metrics)"
     )
-    parser.add_argument("--workers", type=int, default=1, help="with a model directory: serve's --workers")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="with a model directory and a Seldon protocol: serve's --workers"
+    )
     parser.add_argument("--csv", type=Path, help="also write the results here (perf_analyzer's column names)")
     parser.add_argument(
         "--plot", type=Path, help="also draw throughput against p99 latency here (.png; needs matplotlib)"
@@ -82,7 +87,11 @@ def bench_command(args: argparse.Namespace) -> int:
             check_output_path(path)
     if args.duration <= 0 or args.warmup < 0 or (args.rate is not None and args.rate <= 0):
         raise SeldonCaffeError("--duration and --rate must be positive, --warmup not negative")
-    request = Request.from_file(args.request)
+    if not args.protocol.startswith("v2-") and args.model is not None:
+        raise SeldonCaffeError("--model is for the V2 protocols: a Seldon service serves one model")
+    if args.protocol.startswith("v2-") and args.workers != 1:
+        raise SeldonCaffeError("--workers is for the Seldon protocols: the V2 server runs one process")
+    request = Request.from_file(args.request, args.protocol)
     rows: list[dict] = []
     try:
         interrupted = _run_levels(args, request, rows)
@@ -106,8 +115,14 @@ def _run_levels(args: argparse.Namespace, request: Request, rows: list[dict]) ->
     """Each level in turn, its row appended as it ends; True when Ctrl-C cut a level short."""
     with _target(args) as target:
         levels = [None] if args.rate is not None else args.concurrency
+        protocol = args.protocol
+        if protocol.startswith("v2-"):
+            request = request.for_model(*v2_model(protocol, target.host, target.port, args.model))
+            if protocol == "v2-grpc":
+                v2_infer_proto(request)  # a request gRPC cannot carry is one line here, not a dead client
+            protocol += f" (model {request.model})"
         print(
-            f"seldon-caffe bench: {target.describe} over {args.protocol}, request {request.source}; "
+            f"seldon-caffe bench: {target.describe} over {protocol}, request {request.source}; "
             f"{args.duration:g} s per level after {args.warmup:g} s of warm-up",
             flush=True,
         )
@@ -151,18 +166,21 @@ def _target(args: argparse.Namespace) -> Iterator[Target]:
         yield Target(host, port, args.metrics, f"{host}:{port}")
         return
     ports = {"rest": _free_port(), "grpc": _free_port(), "metrics": _free_port()}
-    with _served(Path(args.target), ports, args.workers):
-        port = ports["rest"] if args.protocol == "seldon-rest" else ports["grpc"]
+    with _served(Path(args.target), ports, args.workers, args.protocol):
+        port = ports["rest"] if args.protocol.endswith("-rest") else ports["grpc"]
         metrics = args.metrics or f"http://127.0.0.1:{ports['metrics']}/metrics"
         yield Target("127.0.0.1", port, metrics, f"{args.target} (served for the run)")
 
 
 @contextlib.contextmanager
-def _served(model_dir: Path, ports: dict[str, int], workers: int) -> Iterator[Path]:
-    """`seldon-caffe serve` in its own session; stopped (SIGTERM, then SIGKILL) whatever happens.
-    Its log is removed afterwards unless it failed to start (the error names it then)."""
+def _served(model_dir: Path, ports: dict[str, int], workers: int, protocol: str) -> Iterator[Path]:
+    """`seldon-caffe serve` (`--protocol v2` for the V2 protocols) in its own session; stopped
+    (SIGTERM, then SIGKILL) whatever happens. Its log is removed afterwards unless it failed to
+    start (the error names it then)."""
     log = Path(tempfile.mkstemp(prefix="seldon-caffe-bench-", suffix=".log")[1])
-    command = [sys.executable, "-m", "seldon_caffe.cli", "serve", str(model_dir), "--workers", str(workers)]
+    serves = "v2" if protocol.startswith("v2-") else "seldon"
+    command = [sys.executable, "-m", "seldon_caffe.cli", "serve", str(model_dir), "--protocol", serves]
+    command += ["--workers", str(workers)] if serves == "seldon" else []
     command += [
         "--http-port",
         str(ports["rest"]),
@@ -174,7 +192,7 @@ def _served(model_dir: Path, ports: dict[str, int], workers: int) -> Iterator[Pa
     with log.open("wb") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_ready(process, ports, log)
+        _wait_ready(process, ports, log, serves)
         yield log
         log.unlink(missing_ok=True)
     finally:
@@ -188,7 +206,7 @@ def _served(model_dir: Path, ports: dict[str, int], workers: int) -> Iterator[Pa
             process.wait()
 
 
-def _wait_ready(process: subprocess.Popen, ports: dict[str, int], log: Path) -> None:
+def _wait_ready(process: subprocess.Popen, ports: dict[str, int], log: Path, protocol: str) -> None:
     from ..server import service_ready
 
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -196,7 +214,7 @@ def _wait_ready(process: subprocess.Popen, ports: dict[str, int], log: Path) -> 
         if process.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-3:]
             raise SeldonCaffeError(f"the service stopped before it was ready (log {log}): {' | '.join(tail)}")
-        if service_ready(ports["rest"], [ports["grpc"], ports["metrics"]]):
+        if service_ready(ports["rest"], [ports["grpc"], ports["metrics"]], protocol=protocol):
             return
         time.sleep(0.3)
     raise SeldonCaffeError(f"the service was not ready after {START_TIMEOUT_S} s (log: {log})")

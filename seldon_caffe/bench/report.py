@@ -93,7 +93,12 @@ def table(rows: list[dict[str, Any]]) -> str:
         load = f"c={row['concurrency']}" if row["rate"] is None else f"{row['rate']:g}/s"
         errors = ", ".join(f"{n}x{_status(s)}" for s, n in sorted(row["errors"].items())) or "0"
         stages = row["stages"]
-        server = " / ".join(f"{stages[s]:.1f}" for s in STAGES) if stages else "(no metrics)"
+        # "-": no request went through that stage (e.g. no postprocess hook over V2)
+        server = (
+            " / ".join(f"{stages[s]:.1f}" if stages[s] == stages[s] else "-" for s in STAGES)
+            if stages
+            else "(no metrics)"
+        )
         lines.append(
             f"{load:<7} {row['req_s']:6.1f} {row['p50']:8.1f} {row['p90']:8.1f} {row['p95']:8.1f} {row['p99']:8.1f} "
             f"{row['max']:8.1f}  {errors:<12} {server:<28} {row['client_cpu']:5.0f}%"
