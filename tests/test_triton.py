@@ -3,14 +3,32 @@ schema (tritonclient's model_config_pb2), so a field Triton would reject fails h
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 from google.protobuf import text_format
 from test_convert_frameworks import TOLERANCE, relative_error, seldon_caffe, write_config
 
-model_config_pb2 = pytest.importorskip(
-    "tritonclient.grpc.model_config_pb2", reason="needs tritonclient (pip install seldon-caffe[triton])"
-)
+
+def _model_config_pb2() -> Any:
+    """tritonclient's model_config_pb2 alone. Imported the usual way, through the
+    `tritonclient.grpc` package, it brings Triton's service protos too, whose `inference.*`
+    messages collide with MLServer's in protobuf's one descriptor pool, which the V2 tests
+    load in this same process."""
+    spec = importlib.util.find_spec("tritonclient")
+    if spec is None:
+        pytest.skip("needs tritonclient (pip install seldon-caffe[triton])")
+    path = Path(spec.submodule_search_locations[0]) / "grpc" / "model_config_pb2.py"
+    module_spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+model_config_pb2 = _model_config_pb2()
 
 FEATURES = [{"name": "x", "data_type": "TYPE_FP32", "dims": [-1, 4]}]
 RELU = [{"name": "y", "data_type": "float32", "dims": [-1, 4]}]
