@@ -67,6 +67,7 @@ def test_the_readme_walkthrough_serves_googlenet_to_curl(tmp_path: Path, zoo: Pa
         "README.md",
         "deploy.prototxt",
         "hooks.py",
+        "model-settings.json",
         "model.yaml",
         "requirements.txt",
         "weights.caffemodel",
