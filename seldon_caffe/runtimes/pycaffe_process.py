@@ -155,11 +155,23 @@ class WorkerProcess:
             raise ModelUnavailable(f"cannot start the pycaffe worker {self.command}: {exc}") from None
 
     def _start(self) -> None:
-        proc, self._spare = self._spare, None
-        if proc is None or proc.poll() is not None:  # no spare, or it died while waiting
-            if proc is not None:
-                _kill_group(proc)
-            proc = self._spawn()
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            if spare.poll() is None:
+                try:
+                    self._load(spare)
+                    return
+                except ModelUnavailable as exc:
+                    # The spare was only a head start. It may die unseen while it waits:
+                    # killed along with the worker (an OOM kill, a `kill` of the group), and
+                    # poll() cannot tell until the kernel has reaped it. Its death is no
+                    # reason to back off, so a fresh process gets the net at once.
+                    log.warning("the spare pycaffe worker of %s was gone (%s): starting another", self.label, exc)
+            _kill_group(spare)
+        self._load(self._spawn())
+
+    def _load(self, proc: subprocess.Popen) -> None:
+        """Make `proc` the worker: give it the net and every `set_weights` since load."""
         self._proc, self._owner = proc, os.getpid()
         self._stderr_tail.clear()  # a failed start's reason must be its own, not a predecessor's
         self._stderr_reader = threading.Thread(target=self._log_stderr, args=(proc,), daemon=True)
