@@ -15,16 +15,18 @@ MODEL    ?= examples/vision
 SELDON117 := "seldon-core==1.17.1" "setuptools<70"
 E2E_117  := tests/test_e2e.py tests/test_caffe_format.py
 
-.PHONY: help setup setup-117 caffe-env tools demo serve test test-117 lint bench proto clean
+.PHONY: help setup setup-117 caffe-env tools demo serve test test-fast test-117 lint bench proto clean
 
 help:
 	@echo "make setup      create $(VENV) (Python 3.12) with seldon-caffe and its extras ($(EXTRAS))"
 	@echo "make demo       set up, serve $(MODEL) and answer a sample request"
 	@echo "make serve      serve MODEL=$(MODEL) on ports 9000 (REST) / 5000 (gRPC) / 6000 (metrics)"
 	@echo "make test       set up (both Seldon lanes and real Caffe), then run every test"
+	@echo "make test-fast  the quick tier: no root, no services, no real Caffe, no GPU (-m \"$(FAST)\")"
+	@echo "make test-117   the tests that also run on the seldon-core 1.17.1 lane ($(E2E_117))"
 	@echo "make caffe-env  build the real-Caffe reference root (Debian bullseye python3-caffe; root only)"
 	@echo "make tools      install protoc and shellcheck with apt-get when missing (root only)"
-	@echo "make lint       ruff check and ruff format --check"
+	@echo "make lint       ruff check, ruff format --check and mypy"
 	@echo "make bench      run benchmarks/ and update docs/benchmarks.md"
 
 # One stamp per set of extras: `make setup EXTRAS=onnx` (README's walk-through) and a later
@@ -77,12 +79,19 @@ test: setup setup-117 caffe-env tools
 	SELDON_CAFFE_PB320_PYTHON=$(VENV117)/bin/python $(PY) -m pytest -q -rs
 	$(MAKE) test-117
 
+# The quick tier: tests marked e2e (a real service), reference (real Caffe), gpu or slow are
+# left out (markers: setup.cfg's [tool:pytest]). It needs only `make setup`, no root.
+FAST := not e2e and not reference and not gpu and not slow
+test-fast: setup
+	$(PY) -m pytest -q -rs -n 2 -m "$(FAST)"
+
 test-117: setup-117
 	SELDON_CAFFE_PB320_PYTHON=$(VENV117)/bin/python $(VENV117)/bin/python -m pytest -q -rs $(E2E_117)
 
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy  # [tool.mypy] in pyproject.toml: seldon_caffe/
 	@if command -v shellcheck >/dev/null; then shellcheck -x s2i/bin/* scripts/*.sh; else echo "shellcheck not installed: skipped"; fi
 
 bench: setup caffe-env tools

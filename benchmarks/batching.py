@@ -45,9 +45,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from _report import cpu_model, wait_for_quiet, write_section  # noqa: E402
-from served_overhead import cpu_flags, googlenet_dir  # noqa: E402
+from served_overhead import googlenet_dir  # noqa: E402
 from service import Service, running_service  # noqa: E402
 
+from seldon_caffe import cpu  # noqa: E402
 from seldon_caffe.bench.clients import Request, v2_model  # noqa: E402
 from seldon_caffe.bench.load import Plan, run_level  # noqa: E402
 from seldon_caffe.bench.report import summarize  # noqa: E402
@@ -64,11 +65,6 @@ def ranking_input(request: dict[str, Any]) -> dict[str, Any]:
     """The ranking example's jsonData as a V2 input: a BYTES tensor of JSON (docs/v2.md)."""
     data = [json.dumps(request)]
     return {"name": "request", "datatype": "BYTES", "shape": [1], "parameters": {"content_type": "json"}, "data": data}
-
-
-def has_bf16() -> bool:
-    flags = set(open("/proc/cpuinfo").read().split("flags", 2)[1].split("\n", 1)[0].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def served_copy(model_dir: Path, target: Path, rows: int | None = None, runtime: str | None = None) -> Path:
@@ -239,7 +235,7 @@ def main() -> None:
     cases = [
         *[
             (f"GoogLeNet {p}", googlenet_dir(root, p), npy, x, "seldon-grpc")
-            for p in ("fp32", "bf16")[: 1 + has_bf16()]
+            for p in ("fp32", "bf16")[: 1 + cpu.has_bf16()]
         ],
         ("ranking", ranking, ranking / "samples" / "request.json", ranking_json, "seldon-grpc"),
         ("ranking", ranking, ranking_v2, ranking_json, "v2-grpc"),
@@ -278,8 +274,8 @@ def main() -> None:
         [
             "## Adaptive batching: unbatched and batched, served",
             "",
-            f"Measured {datetime.date.today().isoformat()} on {cpu_model()} (2 cores, shared by the servers and "
-            f"the clients; flags: {cpu_flags()}); {(time.monotonic() - began) / 60:.0f} min, load average (5 min) "
+            f"Measured {datetime.date.today().isoformat()} on {cpu_model()}, shared by the servers and "
+            f"the clients; {(time.monotonic() - began) / 60:.0f} min, load average (5 min) "
             f"at the end {os.getloadavg()[1]:.1f}.",
             "",
             f"    .venv/bin/python benchmarks/batching.py --rounds {args.rounds} --duration {args.duration:g}",

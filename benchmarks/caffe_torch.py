@@ -73,7 +73,7 @@ def digest(arrays: list[np.ndarray]) -> str:
 
 
 def prepare(out: Path) -> None:
-    from seldon_caffe import reference
+    from caffe_oracle import reference
 
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="caffe-torch-"))

@@ -42,11 +42,11 @@ from typing import Any
 import yaml
 
 BENCHMARKS = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS.parent / "tests")]
+sys.path[:0] = [str(BENCHMARKS), str(BENCHMARKS.parent / "tests"), str(BENCHMARKS.parent)]  # caffe_oracle/
 from service import Service, alive, is_pycaffe_worker, running_service  # noqa: E402
 from soak import OK, REPO, Load, Record, grpc_sender, label_processes, rest_sender, sample_requests  # noqa: E402
 
-from seldon_caffe import reference  # noqa: E402
+from caffe_oracle import reference  # noqa: E402
 
 STEADY_S = 2.0  # clean traffic before each fault, and the run of successes that ends one
 RECOVERY_LIMIT_S = 60.0  # a fault not recovered from by then is reported as such

@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 import runtimes as bench  # benchmarks/runtimes.py (this directory is on sys.path when run as a script)
-from _report import cpu_model, write_section
+from _report import caffe_blas, cpu_model, write_section
 
-from seldon_caffe import quantize, reference
+from caffe_oracle import reference
+from seldon_caffe import cpu, quantize
 from seldon_caffe.caffe.to_onnx import convert_files
 from seldon_caffe.config import parse_config
 from seldon_caffe.runtimes import Runtime, load_runtime
@@ -108,7 +109,7 @@ def report(nets: list[str], samples: bench.Samples, errors: dict, command: str, 
     lines = [
         "## ONNX runtimes by precision",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {cpu_model()} ({cpu}), in one run of `{command}` "
+        f"Measured {time.strftime('%Y-%m-%d')} on {cpu_model()}, {cpu}, in one run of `{command}` "
         f"({took / 60:.0f} min); method as in the table above. Cells: images/s (ratio to real Caffe). "
         "Error rows: relative error against real Caffe at batch 8 / top-1 agreement with it.",
         "",
@@ -128,15 +129,29 @@ def report(nets: list[str], samples: bench.Samples, errors: dict, command: str, 
             lines.append(f"| {net} | {batch} | " + " | ".join(cells) + " |")
         cells = [f"{errors[net][e][0]:.1e} / {errors[net][e][1]:.0%}" if e in errors[net] else "" for e in engines]
         lines.append(f"| {net} | error | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *cpu_notes()])
 
 
-def _cpu_features() -> str:
-    """The CPU features that decide what int8 and bf16 can gain."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
-    vnni = "VNNI" if quantize.cpu_has_vnni() else "no VNNI"
-    return f"{bench.THREADS} threads, {vnni}, {'bf16 units' if bf16 else 'no bf16 units'}"
+def cpu_notes() -> list[str]:
+    """What this CPU's flags mean for the table, read from the CPU (never written by hand)."""
+    bf16 = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in cpu.flags()]
+    vnni = [flag for flag in ("avx512_vnni", "avx_vnni", "amx_int8") if flag in cpu.flags()]
+    return [
+        f"* Real Caffe ran with {caffe_blas()}.",
+        (
+            f"* bf16: this CPU has {' and '.join(bf16)}, so OpenVINO runs `precision: bf16` in bf16 kernels."
+            if bf16
+            else "* bf16: this CPU has neither AVX512_BF16 nor AMX, so OpenVINO compiles `precision: bf16` as f32 "
+            "(the runtime logs a warning; its error row equals fp32's)."
+        ),
+        (
+            f"* int8: this CPU has {' and '.join(vnni)} (int8 dot products without saturation): weights are "
+            "quantized to 8 bits."
+            if vnni
+            else "* int8: this CPU has no VNNI; AVX2's VPMADDUBSW can saturate, so weights are quantized to 7 bits "
+            "(`reduce_range`)."
+        ),
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "nice python " + " ".join(
         shlex.quote(a) for a in ["benchmarks/onnx_precisions.py", *(argv or sys.argv[1:])]
     )
-    section = report(list(nets), samples, errors, command, time.perf_counter() - began, _cpu_features())
+    section = report(list(nets), samples, errors, command, time.perf_counter() - began, f"{bench.THREADS} threads")
     print(section)
     write_section(section, args.out, MARKERS)
     print(f"wrote {args.out}")

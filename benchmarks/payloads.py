@@ -27,7 +27,7 @@ from seldon_core.utils import array_to_grpc_datadef
 from seldon_caffe.caffe import load_caffe_net
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from service import running_service  # noqa: E402
+from service import running_service
 
 PROTOTXT = """name: "pool"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 224 dim: 224 } } }

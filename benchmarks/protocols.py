@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from _report import cpu_model, wait_for_quiet, write_section  # noqa: E402
-from served_overhead import cpu_flags, googlenet_dir, payload_files  # noqa: E402
+from served_overhead import googlenet_dir, payload_files  # noqa: E402
 from service import Service, running_service  # noqa: E402
 
 from seldon_caffe.bench.clients import Request, v2_model  # noqa: E402
@@ -165,8 +165,8 @@ def main() -> None:
         [
             "## Protocols: Seldon v1 and V2 (Open Inference), REST and gRPC",
             "",
-            f"Measured {datetime.date.today().isoformat()} on {cpu_model()} (2 cores, shared by the servers and "
-            f"the clients; flags: {cpu_flags()}); {(time.monotonic() - began) / 60:.0f} min, load average (5 min) "
+            f"Measured {datetime.date.today().isoformat()} on {cpu_model()}, shared by the servers and "
+            f"the clients; {(time.monotonic() - began) / 60:.0f} min, load average (5 min) "
             f"at the end {os.getloadavg()[1]:.1f}.",
             "",
             f"    .venv/bin/python benchmarks/protocols.py --rounds {args.rounds} --duration {args.duration:g}",

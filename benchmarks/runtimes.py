@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import os
 
+from seldon_caffe.threads import blas_thread_env
+
 THREADS = 2
-for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_name] = str(THREADS)  # before numpy and the engines start their pools
+os.environ.update(blas_thread_env(THREADS))  # before numpy and the engines start their pools
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import shlex  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -42,12 +45,12 @@ import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from _report import cpu_model, write_section  # noqa: E402
+from _report import caffe_blas, cpu_model, write_section  # noqa: E402
 
-from seldon_caffe import reference  # noqa: E402
-from seldon_caffe.config import parse_config  # noqa: E402
+from caffe_oracle import reference  # noqa: E402
+from seldon_caffe.config import ModelConfig, parse_config  # noqa: E402
 from seldon_caffe.errors import SeldonCaffeError  # noqa: E402
-from seldon_caffe.runtimes import Runtime, load_runtime  # noqa: E402
+from seldon_caffe.runtimes import Runtime, auto, load_runtime  # noqa: E402
 
 ZOO = Path(os.environ.get("SELDON_CAFFE_ZOO", REPO.parent / "shared" / "caffe-zoo"))
 START, END = "<!-- caffe-runtimes:start -->", "<!-- caffe-runtimes:end -->"
@@ -61,12 +64,23 @@ layer { name: "out" type: "Power" bottom: "data" top: "out" }
 Key = tuple[str, str, int]  # (engine, net, batch)
 
 
+@dataclasses.dataclass
+class AutoStart:
+    """`runtime: auto` on one net and batch: its choice, and its load time beyond the winner's."""
+
+    chosen: str
+    first_s: float  # no cached choice: every engine loads and is timed
+    second_s: float  # the cached choice: the winner alone
+
+
 class Samples(dict[Key, list[float]]):
-    """Seconds per call by (engine, net, batch); `failed` says why an engine has none."""
+    """Seconds per call by (engine, net, batch); `failed` says why an engine has none;
+    `starts` what `runtime: auto` chose per (net, batch) and what its starts cost."""
 
     def __init__(self) -> None:
         super().__init__()
         self.failed: dict[tuple[str, str], str] = {}
+        self.starts: dict[tuple[str, int], AutoStart] = {}
 
     def add(self, key: Key, times: list[float]) -> None:
         self.setdefault(key, []).extend(times)
@@ -87,9 +101,14 @@ def measure(
     """Per-call seconds for every engine, net and batch, engines interleaved (module docstring)."""
     samples = Samples()
     for name, prototxt in nets.items():
-        models = {runtime: _load(runtime, prototxt, weights[name]) for runtime in runtimes}
+        models = {runtime: _load(runtime, prototxt, weights[name]) for runtime in runtimes if runtime != "auto"}
         try:
             for batch in BATCHES:  # batch outside the rounds: one reshape per runtime and batch
+                if "auto" in runtimes:  # auto's choice depends on the batch: loaded per batch
+                    previous = models.pop("auto", None)
+                    if previous is not None and not isinstance(previous, str):
+                        previous.close()
+                    models["auto"] = _load_auto(prototxt, weights[name], batch, samples, name)
                 for k in range(rounds):
                     samples.add((BASELINE, name, batch), _time_real_caffe(prototxt, weights[name], batch, seconds))
                     for runtime, model in models.items():
@@ -105,16 +124,51 @@ def measure(
     return samples
 
 
-def _load(runtime: str, prototxt: Path, weights: Path) -> Runtime | str:
+def _config(runtime: str, prototxt: Path, weights: Path, batch: int = 1) -> ModelConfig:
     raw = {
         "files": {"prototxt": str(prototxt), "weights": str(weights)},
         "runtime": runtime,
-        "options": {"threads": THREADS, "pycaffe_command": reference.python_command()},
+        "options": {
+            "threads": THREADS,
+            **({"pycaffe_command": reference.python_command()} if runtime == "pycaffe" else {}),
+        },
+        # auto times the engines at the batch size the service runs: batching's largest
+        **({"batching": {"max_batch_size": batch}} if batch > 1 else {}),
     }
+    return parse_config(raw, weights.parent)
+
+
+def _load(runtime: str, prototxt: Path, weights: Path, batch: int = 1) -> Runtime | str:
     try:
-        return load_runtime(parse_config(raw, weights.parent))
+        return load_runtime(_config(runtime, prototxt, weights, batch))
     except (SeldonCaffeError, ImportError) as exc:
         return f"n/a ({str(exc).splitlines()[0][:80]})"
+
+
+def _load_auto(prototxt: Path, weights: Path, batch: int, samples: Samples, net: str) -> Runtime | str:
+    """`runtime: auto` as a first start (nothing cached) and a second; both timed against
+    loading the engine it chose by name (the ONNX conversion is cached by then for all three)."""
+    config = _config("auto", prototxt, weights, batch)
+    for directory in auto._cache_dirs(config):
+        shutil.rmtree(directory, ignore_errors=True)  # a first start: nothing measured yet
+    seconds = {}
+    for start in ("first", "second"):
+        began = time.perf_counter()
+        model = _load("auto", prototxt, weights, batch)
+        seconds[start] = time.perf_counter() - began
+        if isinstance(model, str) or start == "second":
+            break
+        model.close()
+    choice = auto.cached_choice(config)
+    if isinstance(model, str) or choice is None:
+        return model if isinstance(model, str) else "n/a (no choice cached)"
+    began = time.perf_counter()
+    named_model = _load(choice.runtime, prototxt, weights, batch)
+    named = time.perf_counter() - began
+    if not isinstance(named_model, str):
+        named_model.close()
+    samples.starts[(net, batch)] = AutoStart(choice.runtime, seconds["first"] - named, seconds["second"] - named)
+    return model
 
 
 def _time_real_caffe(prototxt: Path, weights: Path, batch: int, seconds: float) -> list[float]:
@@ -164,11 +218,12 @@ def report(nets: list[str], runtimes: list[str], samples: Samples, overhead: lis
     lines = [
         "## Caffe runtimes",
         "",
-        f"Measured {datetime.date.today().isoformat()} on {cpu_model()}, {os.cpu_count()} cores, in one run of "
+        f"Measured {datetime.date.today().isoformat()} on {cpu_model()}, in one run of "
         f"`{command}` ({took / 60:.0f} min). {THREADS} threads for every engine (OMP/OpenBLAS/MKL_NUM_THREADS="
         f"{THREADS}, options.threads={THREADS}). Images/s = batch / median time per call (engines interleaved "
         "net by net and batch by batch); in brackets the ratio to real Caffe (higher is faster). Real Caffe: "
-        "BVLC Caffe 1.0 (Debian bullseye python3-caffe, OpenBLAS), timed in-process inside its root; the others around "
+        f"BVLC Caffe 1.0 (Debian bullseye python3-caffe, {caffe_blas()}), timed in-process inside its root; the others "
+        "around "
         f"`model.run` (pycaffe: the worker in that root, through its pipe). OpenCV {_opencv_version()}. "
         f"Load average (5 min) at the end: {load:.1f} on {os.cpu_count()} cores{shared}.",
         "",
@@ -184,6 +239,8 @@ def report(nets: list[str], runtimes: list[str], samples: Samples, overhead: lis
                 ratio = "" if (runtime, net) in samples.failed else f" ({base / samples.median(key):.2f}x)"
                 cells.append(samples.cell(key) + ratio)
             lines.append(f"| {net} | {batch} | " + " | ".join(cells) + " |")
+    if samples.starts:
+        lines += ["", *auto_report(nets, runtimes, samples)]
     if overhead:
         lines += [
             "",
@@ -197,6 +254,33 @@ def report(nets: list[str], runtimes: list[str], samples: Samples, overhead: lis
     return "\n".join(lines)
 
 
+def auto_report(nets: list[str], runtimes: list[str], samples: Samples) -> list[str]:
+    """`runtime: auto` against the best engine of the same run, and what its starts add."""
+    engines = [r for r in runtimes if r in auto.CANDIDATES]
+    lines = [
+        f"`runtime: auto` picks among {', '.join(engines)} (runtimes/auto.py): its images/s against the best "
+        "of them in the table above, and its load time beyond loading the engine it chose by name: the first "
+        "start (every engine loaded and timed; the ONNX conversion already cached) and the second (the cached "
+        "choice).",
+        "",
+        "| net | batch | chosen | auto img/s | best engine | best img/s | auto / best | first start | second start |",
+        "| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for net in nets:
+        for batch in BATCHES:
+            start = samples.starts.get((net, batch))
+            timed = {e: batch / samples.median((e, net, batch)) for e in engines if (e, net, batch) in samples}
+            if start is None or not timed or ("auto", net, batch) not in samples:
+                continue
+            best = max(timed, key=timed.__getitem__)
+            mine = batch / samples.median(("auto", net, batch))
+            lines.append(
+                f"| {net} | {batch} | {start.chosen} | {mine:.1f} | {best} | {timed[best]:.1f} | "
+                f"{mine / timed[best]:.2f} | {start.first_s:+.1f} s | {start.second_s:+.2f} s |"
+            )
+    return lines
+
+
 def _opencv_version() -> str:
     import cv2
 
@@ -206,7 +290,7 @@ def _opencv_version() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nets", help="comma-separated zoo nets (default: all)")
-    parser.add_argument("--runtimes", default="opencv,pycaffe,onnxruntime,openvino", help="as named in model.yaml")
+    parser.add_argument("--runtimes", default="opencv,pycaffe,onnxruntime,openvino,auto", help="as in model.yaml")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per net and batch")
     parser.add_argument("--seconds", type=float, default=1.0, help="timed seconds per engine, batch and round")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from _report import cpu_model, wait_for_quiet, write_section  # noqa: E402
-from conftest import ZOO  # noqa: E402
+from helpers import ZOO  # noqa: E402
 from service import running_service  # noqa: E402
 
 from seldon_caffe.bench.clients import Request  # noqa: E402
@@ -40,12 +40,6 @@ from seldon_caffe.bench.load import Plan, run_level  # noqa: E402
 MARKERS = ("<!-- served-overhead:start -->", "<!-- served-overhead:end -->")
 LEVELS = (1, 2, 8)
 WORKERS = (1, 2)
-
-
-def cpu_flags() -> str:
-    flags = set(open("/proc/cpuinfo").read().split("flags", 2)[1].split("\n", 1)[0].split())
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
-    return ", ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
 
 
 def googlenet_dir(root: Path, precision: str) -> Path:
@@ -175,7 +169,7 @@ def main() -> None:
         [
             "## Served overhead: engine, in-process Seldon path, and the service",
             "",
-            f"Measured {datetime.date.today().isoformat()} on {cpu_model()} (2 cores; flags: {cpu_flags()}); "
+            f"Measured {datetime.date.today().isoformat()} on {cpu_model()}; "
             f"{(time.monotonic() - began) / 60:.0f} min.",
             "",
             f"    .venv/bin/python benchmarks/served_overhead.py --duration {args.duration:g}",

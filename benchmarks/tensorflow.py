@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _report import cpu_model, wait_for_quiet, write_section  # noqa: E402
+from _report import cpu_model, wait_for_quiet, write_section
 
 # This script is named like the package it measures; run as a script, its folder is first on
 # sys.path and `import tensorflow` would find this file. Take the folder off the path.

@@ -14,7 +14,7 @@ from pathlib import Path
 from google.protobuf.json_format import MessageToDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from service import running_service  # noqa: E402
+from service import running_service
 
 
 def main(model_dir: Path) -> int:

@@ -56,7 +56,9 @@ def model_settings(model_dir: Path, data: dict[str, Any], runtime: str | None = 
     name = runtime or data.get("runtime") or "auto"
     if name not in ("auto", *FORMAT_RUNTIMES[fmt]):
         return None
-    options = data.get("options") if isinstance(data.get("options"), dict) else {}
+    options = data.get("options")
+    if not isinstance(options, dict):
+        options = {}
     return ModelConfig(
         model_dir=model_dir,
         name=str(data.get("name") or model_dir.name),
@@ -68,12 +70,17 @@ def model_settings(model_dir: Path, data: dict[str, Any], runtime: str | None = 
 
 
 def image_runtime(config: ModelConfig) -> str:
-    """The runtime `config` gets in an s2i image: as `resolve_runtime`, except that the image has
-    no pycaffe, so `auto` for Caffe is opencv unless a pycaffe_command is set."""
-    name = resolve_runtime(config)
-    if config.runtime == "auto" and name == "pycaffe" and not config.options.get("pycaffe_command"):
-        return "opencv"
-    return name
+    """The runtime `config` gets in an s2i image. `auto` for Caffe measures the image's own
+    engines when the service starts (runtimes/auto.py), and the image has no pycaffe unless a
+    pycaffe_command names one: this is the engine it would most likely pick there. The
+    default image has OpenCV and ONNX Runtime's CPU build, so with a CUDA device only OpenCV
+    (which ignores it) is left; a precision neither runs needs an engine the image must add."""
+    if config.runtime != "auto" or config.format != "caffe" or config.options.get("pycaffe_command"):
+        return resolve_runtime(config)
+    from .runtimes.auto import likely
+
+    on_cuda = str(config.options.get("device", "cpu")).startswith("cuda")
+    return likely(config, ("opencv",) if on_cuda else ("onnxruntime", "opencv"))
 
 
 def settings_warnings(config: ModelConfig, runtime_name: str, gpus: int | None = None) -> list[str]:
@@ -152,7 +159,7 @@ def build_arg(runtime_name: str, fmt: str = "onnx") -> str:
     The extra comes from the runtime's install hint in runtimes.REGISTRY (seldon-caffe[X]);
     a Caffe net served through its ONNX conversion also keeps `onnx`, which converts it.
     """
-    found = _EXTRA.search(REGISTRY[runtime_name][2])
+    found = _EXTRA.search(REGISTRY[runtime_name].install)
     extras = [found.group(1)] if found else []
     if fmt == "caffe" and runtime_name in THROUGH_ONNX and "onnx" not in extras:
         extras.insert(0, "onnx")

@@ -85,8 +85,9 @@ def parse_batching(raw: Any, problem: Callable[[str, str], None]) -> BatchingCon
         problem("batching.preferred_batch_size", f"{preferred!r}: expected a list of sizes from 1 to max_batch_size")
     if not isinstance(raw.get("hooks_batch_safe", False), bool):
         problem("batching.hooks_batch_safe", f"{raw['hooks_batch_safe']!r} is not true or false")
-    values = {**raw, "preferred_batch_size": tuple(sorted(preferred))}
-    return BatchingConfig(**{k: float(v) if k.endswith("_ms") else v for k, v in values.items()})
+    values: dict[str, Any] = {**raw, "preferred_batch_size": tuple(sorted(preferred))}
+    settings: dict[str, Any] = {k: float(v) if k.endswith("_ms") else v for k, v in values.items()}
+    return BatchingConfig(**settings)
 
 
 @dataclass
@@ -171,6 +172,7 @@ class Batcher:
             self._await(waiting)
         if waiting.error is not None:
             raise waiting.error
+        assert waiting.outputs is not None  # a finished request has outputs or an error
         queue_ms = (waiting.started - waiting.queued) * 1000.0
         return Served(waiting.outputs, queue_ms, (waiting.finished - waiting.started) * 1000.0, waiting.batch_rows)
 

@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model_dir", type=Path)
     add_runtime_option(inspect)
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.add_argument(
+        "--accuracy",
+        type=Path,
+        metavar="SAMPLES",
+        help="also compare bf16 and int8 with fp32 on these inputs (.npy/.npz, or files for the preprocess hook)",
+    )
+    inspect.add_argument("--samples", type=int, default=64, help="with --accuracy: use at most this many files")
     inspect.set_defaults(handler=inspect_command)
 
     scaffold.register(sub)
@@ -206,10 +213,10 @@ def _check_load(options: Any) -> str:
     from .model import METADATA_ENV, SeldonCaffeModel
 
     preflight = SeldonCaffeModel(str(options.model_dir), options.runtime)
-    preflight.load()
+    model = preflight.load().model
     os.environ[METADATA_ENV] = json.dumps(preflight.init_metadata())
-    preflight.model.close()
-    return preflight.model.name
+    model.close()
+    return model.name
 
 
 def _ports(args: argparse.Namespace) -> dict[str, int]:
@@ -268,6 +275,7 @@ def summarize_arrays(data: bytes, top: int = 5) -> str:
 
 
 def inspect_command(args: argparse.Namespace) -> int:
+    from .accuracy import format_report, precision_report, report_json
     from .advice import served_file, settings_warnings
     from .config import load_config
     from .model import describe, warnings_for
@@ -281,12 +289,15 @@ def inspect_command(args: argparse.Namespace) -> int:
     info = {**describe(args.model_dir, args.runtime), "warnings": warnings}
     info["precision"] = config.options["precision"]
     info["loaded_file"] = str(served_file(config, info["runtime"]))  # e.g. the cached ONNX of a Caffe net
+    report = precision_report(args.model_dir, args.accuracy, args.runtime, args.samples) if args.accuracy else None
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps({**info, "accuracy": report_json(report) if report else None}, indent=2))
         return 0
     print(f"model     {info['name']} ({info['format']})")
     asked = "" if info["runtime_asked"] == info["runtime"] else f" (model.yaml: {info['runtime_asked']})"
     print(f"runtime   {info['runtime']}{asked}")
+    if info["auto"]:
+        print(f"          {info['auto']['summary']}")
     print(f"precision {info['precision']}")
     for key, path in info["files"].items():
         print(f"file      {key}: {path}")
@@ -297,6 +308,8 @@ def inspect_command(args: argparse.Namespace) -> int:
             print(f"{direction[:-1]:<9} {spec['name']}: {spec['dtype']}[{dims}]")
     hooks = ", ".join(info["hooks"]) or "none (defaults)"
     print(f"hooks     {hooks}" + (f" from {info['hooks_file']}" if info["hooks_file"] else ""))
+    if report:
+        print(format_report(report))
     return 0
 
 

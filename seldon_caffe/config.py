@@ -7,7 +7,6 @@ person reading it is deploying a model and has nothing else to go on.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,38 +16,22 @@ import yaml
 
 from .batching import BatchingConfig, parse_batching
 from .errors import ConfigError
+from .runtimes import registry
+from .runtimes.options import Options
 
 CONFIG_FILE = "model.yaml"
 MODEL_DIR_ENV = "SELDON_CAFFE_MODEL_DIR"
 PARAMETERS_ENV = "PREDICTIVE_UNIT_PARAMETERS"  # Seldon's: [{"name", "value", "type"}]
 DEFAULT_MODEL_DIR = "/mnt/models"  # where Seldon's and KServe's storage initializers put the model
 
-# format -> the keys of `files` it needs
-FORMAT_FILES: dict[str, tuple[str, ...]] = {
-    "caffe": ("prototxt", "weights"),
-    "onnx": ("onnx",),
-    "tensorflow": ("saved_model",),
-    "torch": ("torchscript",),
-    "tensorrt": ("plan",),
-}
+# format -> the keys of `files` it needs; format -> the runtimes that can serve it ("auto" is
+# always allowed). Both are derived from the runtimes' declarations (runtimes/registry.py).
+FORMAT_FILES = registry.FORMAT_FILES
+FORMAT_RUNTIMES = registry.FORMAT_RUNTIMES
 
-# format -> the runtimes that can serve it ("auto" is always allowed)
-FORMAT_RUNTIMES: dict[str, tuple[str, ...]] = {
-    "caffe": ("pycaffe", "opencv", "onnxruntime", "openvino", "torch", "tensorrt"),
-    "onnx": ("onnxruntime", "openvino", "tensorrt"),
-    "tensorflow": ("tensorflow", "onnxruntime", "openvino"),
-    "torch": ("torch",),
-    "tensorrt": ("tensorrt",),
-}
-
-DEFAULT_OPTIONS: dict[str, Any] = {
-    "threads": 2,
-    "device": "cpu",
-    "precision": "fp32",
-    "pycaffe_command": None,
-    "allow_non_finite": False,  # NaN/Inf in a float input: 400 unless true
-}
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# The options every runtime takes (runtimes/options.py): threads, device, precision,
+# pycaffe_command, allow_non_finite. A runtime's own options are checked when it loads.
+DEFAULT_OPTIONS: dict[str, Any] = Options.defaults()
 TOP_LEVEL = ("name", "format", "files", "runtime", "options", "hooks", "inputs", "outputs", "batching")
 
 
@@ -130,7 +113,10 @@ class _Reporter:
         self.path = path
 
     def __call__(self, field_name: str, message: str) -> None:
-        raise ConfigError(f"{self.path}: field '{field_name}': {message}")
+        raise self.error(field_name, message)
+
+    def error(self, field_name: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.path}: field '{field_name}': {message}")
 
 
 def _files(files: Any, fmt: str, model_dir: Path, problem: _Reporter) -> dict[str, Path]:
@@ -153,69 +139,14 @@ def _files(files: Any, fmt: str, model_dir: Path, problem: _Reporter) -> dict[st
 
 
 def _options(options: Any, problem: _Reporter) -> dict[str, Any]:
+    """The common options checked (the runtime's own are checked when it loads, by its options
+    class), defaults filled in."""
     if options is None:
         options = {}
     if not isinstance(options, dict):
         problem("options", "expected a mapping, e.g. {threads: 2, device: cpu}")
-    merged = {**DEFAULT_OPTIONS, **options}
-    threads = merged["threads"]
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-        problem("options.threads", f"{threads!r} is not a positive integer")
-    device = merged["device"]
-    if not isinstance(device, str) or not (device in ("cpu", "cuda") or _is_cuda_index(device)):
-        problem("options.device", f"{device!r}; allowed: cpu, cuda, cuda:N")
-    if merged["precision"] not in PRECISIONS:
-        problem("options.precision", f"{merged['precision']!r}; allowed: {', '.join(PRECISIONS)}")
-    command = merged["pycaffe_command"]
-    if command is not None and (
-        not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command)
-    ):
-        problem("options.pycaffe_command", 'expected a list of strings, e.g. ["chroot", "/srv/caffe", "python3"]')
-    if not isinstance(merged["allow_non_finite"], bool):
-        problem("options.allow_non_finite", f"{merged['allow_non_finite']!r} is not true or false")
-    return merged
-
-
-class OptionReader:
-    """Typed reads of model.yaml `options` for a runtime's own keys. The mapping is shared by
-    every runtime, so each validates only what it reads; a bad value is a ConfigError naming
-    `options.KEY`, an absent one gives the default."""
-
-    def __init__(self, config: ModelConfig):
-        self.options, self.source = config.options, config.source
-
-    def problem(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.source}: field 'options.{key}': {message}")
-
-    def flag(self, key: str, default: bool | None) -> bool | None:
-        value = self.options.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self.problem(key, f"{value!r} is not true or false")
-        return value
-
-    def count(self, key: str, default: int | None, minimum: int) -> int | None:
-        value = self.options.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise self.problem(key, f"{value!r} is not an integer >= {minimum}")
-        return value
-
-    def seconds(self, key: str, default: float) -> float:
-        value = self.options.get(key)
-        if value is None:
-            return default
-        # (int, float), not int | float: the in-process pycaffe test imports this on Python 3.9
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise self.problem(key, f"{value!r} is not a positive number of seconds")
-        return float(value)
-
-
-def _is_cuda_index(device: str) -> bool:
-    prefix, _, index = device.partition(":")
-    return prefix == "cuda" and index.isdigit()
+    Options.read(options, lambda key, message: problem.error(f"options.{key}", message), None, null_is_default=False)
+    return {**DEFAULT_OPTIONS, **options}
 
 
 def _hooks(raw: dict[str, Any], model_dir: Path, problem: _Reporter) -> Path | None:

@@ -69,3 +69,13 @@ class ModelLoadError(SeldonCaffeError):
 
 class ConfigError(ModelLoadError):
     """model.yaml is wrong: the message names the file, the field and what is allowed."""
+
+
+def first_line(exc: BaseException, limit: int = 500, last: bool = False) -> str:
+    """One line of an exception's message for a one-line error: the first non-blank line (the
+    `last` for engines that put the point at the end, e.g. OpenCV), cut to `limit` characters;
+    "" when the message is empty (callers add the type's name)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return (lines[-1] if last else lines[0])[:limit]

@@ -21,8 +21,8 @@ from google.protobuf.json_format import ParseError
 from seldon_core.flask_utils import SeldonMicroserviceException
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from .config import default_model_dir, load_config
-from .errors import BadRequest, ModelUnavailable, SeldonCaffeError
+from .config import ModelConfig, default_model_dir, load_config
+from .errors import BadRequest, ModelUnavailable, SeldonCaffeError, first_line
 from .hooks import Context, Hooks
 from .pipeline import Pipeline, RequestStats, check_finite, jsonable, log_failure, signature_metadata
 from .runtimes import Runtime, load_runtime, resolve_runtime
@@ -71,10 +71,11 @@ class SeldonCaffeModel:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def load(self) -> None:
+    def load(self) -> Pipeline:
         """Load model.yaml, the runtime and the hooks; run setup(). Raises ModelLoadError."""
         if self.pipeline is None:
             self.pipeline = Pipeline.load(self.model_dir, self.runtime_override)
+        return self.pipeline
 
     def health_status(self) -> dict[str, Any]:
         if self.pipeline is None:
@@ -118,18 +119,18 @@ class SeldonCaffeModel:
             return SeldonError(exc)
         if isinstance(exc, HTTPException):
             exc = _wrong_method(exc)
-            allowed = f" Allowed: {', '.join(exc.valid_methods)}." if isinstance(exc, MethodNotAllowed) else ""
+            allowed = f" Allowed: {', '.join(exc.valid_methods or ())}." if isinstance(exc, MethodNotAllowed) else ""
             error = SeldonMicroserviceException(
                 f"{exc.name}: {exc.description}{allowed}", status_code=exc.code, reason=_reason(exc.name)
             )
         elif getattr(self._stats, "last", None) is None and isinstance(exc, _DECODING_ERRORS):
             message = (
-                f"the request could not be decoded ({type(exc).__name__}: {_first_line(exc)}); expected a Seldon "
+                f"the request could not be decoded ({type(exc).__name__}: {first_line(exc)}); expected a Seldon "
                 'message such as {"data": {"ndarray": [[...]]}} with a rectangular array, binData, strData or jsonData'
             )
             error = SeldonMicroserviceException(message, status_code=400)
         else:
-            message = f"internal error: {type(exc).__name__}: {_first_line(exc)}"
+            message = f"internal error: {type(exc).__name__}: {first_line(exc)}"
             error = SeldonMicroserviceException(message, status_code=500, reason="MICROSERVICE_INTERNAL_ERROR")
             logger.error("request failed (500): %s", message, exc_info=exc)
             return error
@@ -254,23 +255,34 @@ def _json_type(value: Any) -> str:
 def describe(model_dir: str | Path, runtime: str | None = None) -> dict[str, Any]:
     """What `seldon-caffe inspect` prints: config, runtime, signature, hooks."""
     served = SeldonCaffeModel(str(model_dir), runtime)
-    served.load()
+    pipeline = served.load()
     try:
-        config, hooks = served.context.config, served.hooks
+        config, hooks = pipeline.context.config, pipeline.hooks
         return {
             "name": config.name,
             "format": config.format,
-            "runtime": served.model.name,
+            "runtime": pipeline.model.name,
             "runtime_asked": config.runtime,
             "files": {key: str(path) for key, path in config.files.items()},
             "options": config.options,
-            "inputs": [spec.to_dict() for spec in served.model.inputs],
-            "outputs": [spec.to_dict() for spec in served.model.outputs],
+            "inputs": [spec.to_dict() for spec in pipeline.model.inputs],
+            "outputs": [spec.to_dict() for spec in pipeline.model.outputs],
             "hooks_file": str(hooks.path) if hooks.path else None,
             "hooks": sorted(hooks.user),
+            "auto": _auto_choice(config),
         }
     finally:
-        served.model.close()
+        pipeline.model.close()
+
+
+def _auto_choice(config: ModelConfig) -> dict[str, Any] | None:
+    """What `runtime: auto` measured for a Caffe net (runtimes/auto.py), for `inspect`."""
+    if config.runtime != "auto" or config.format != "caffe":
+        return None
+    from .runtimes.auto import cached_choice
+
+    choice = cached_choice(config)
+    return None if choice is None else {**choice.to_dict(), "summary": choice.summary()}
 
 
 def predict_once(model_dir: str | Path, request: dict[str, Any] | bytes, runtime: str | None = None) -> dict[str, Any]:
@@ -288,14 +300,14 @@ def predict_once(model_dir: str | Path, request: dict[str, Any] | bytes, runtime
         request = {"binData": base64.b64encode(request).decode()}
     check_message(request)
     served = SeldonCaffeModel(str(model_dir), runtime)
-    served.load()
+    pipeline = served.load()
     try:
         return seldon_methods.predict(served, request, SeldonMetrics(worker_id_func=lambda: 0))
     except SeldonError as error:
         own = error.__cause__  # the package's own error, for the command to print...
         raise own from own.__cause__  # ...with what caused it (a hook's exception) for --traceback
     finally:
-        served.model.close()
+        pipeline.model.close()
 
 
 def warnings_for(model_dir: str | Path, runtime: str | None = None) -> list[str]:
@@ -328,10 +340,6 @@ def _wrong_method(exc: HTTPException) -> HTTPException:
         if endpoint != "static" and method != request.method:
             return MethodNotAllowed(valid_methods=[method])
     return exc
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:500]
 
 
 def _reason(name: str) -> str:

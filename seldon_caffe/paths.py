@@ -1,5 +1,6 @@
-"""Output paths, checked before any work: a command that would fail to write its result says so
-in one line at once, instead of a traceback after minutes of converting or quantizing."""
+"""Paths: output paths, checked before any work (a command that would fail to write its result
+says so in one line at once, instead of a traceback after minutes of converting or
+quantizing), and the per-user cache folder."""
 
 from __future__ import annotations
 
@@ -28,3 +29,10 @@ def check_output_dir(path: Path) -> Path:
     if not path.exists():
         check_output_path(path)
     return path
+
+
+def cache_dir(*parts: str) -> Path:
+    """$XDG_CACHE_HOME/seldon-caffe/PARTS (default ~/.cache/seldon-caffe/PARTS): caches that outlive
+    a model folder (ONNX conversions, TensorRT engines) and the real-Caffe reference root."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base, "seldon-caffe", *parts)

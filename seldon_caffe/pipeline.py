@@ -124,7 +124,7 @@ class Pipeline:
         with _timed(stats.stages, "preprocess"):
             inputs = self.hooks.preprocess(payload, ctx)
         if self.batcher is not None:
-            outputs = self._run_batched(inputs, ctx, stats)
+            outputs = self._run_batched(self.batcher, inputs, ctx, stats)
         else:
             with _timed(stats.stages, "run_model"):
                 outputs = self.hooks.run_model(self.model, inputs, ctx)
@@ -133,12 +133,12 @@ class Pipeline:
         with _timed(stats.stages, "postprocess"):
             return self.hooks.postprocess(outputs, ctx)
 
-    def _run_batched(self, inputs: Any, ctx: Context, stats: RequestStats) -> dict[str, np.ndarray]:
+    def _run_batched(self, batcher: Batcher, inputs: Any, ctx: Context, stats: RequestStats) -> dict[str, np.ndarray]:
         """This request's share of a merged run. Its inputs are checked first, so a bad one
         is this request's 400 alone and never joins a batch."""
         feed = self.model.check_inputs(inputs)
-        stats.queue_depth = self.batcher.depth
-        served = self.batcher.submit(feed, ctx)
+        stats.queue_depth = batcher.depth
+        served = batcher.submit(feed, ctx)
         stats.stages.update(queue=served.queue_ms, run_model=served.run_ms)
         stats.batch_rows = served.batch_rows
         return served.outputs

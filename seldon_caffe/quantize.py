@@ -21,7 +21,6 @@ Python hook for other data (the vision example's images): pass any iterable of
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -29,16 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+from . import cpu
 from .errors import SeldonCaffeError
+from .extras import require_modules
 from .paths import check_output_path
-from .runtimes import REGISTRY
 
 Sample = dict[str, np.ndarray]
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_SAMPLES = 64
-# Modules the commands need that are no runtime's engine but come with a runtime's extra
-# (setup.cfg); every other module's install hint is its runtime's, in runtimes.REGISTRY.
-_COMES_WITH_RUNTIME = {"onnx": "onnxruntime", "tf2onnx": "tensorflow", "onnxscript": "torch"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def quantize_command(args: argparse.Namespace) -> int:
     check_output_path(args.output)
-    _require("onnx", "onnxruntime")
+    require_modules("onnx", "onnxruntime")
     inputs = model_inputs(args.model)
     if args.calibration == "random":
         print("seldon-caffe: warning: random calibration data: the accuracy below means little", file=sys.stderr)
@@ -148,7 +145,7 @@ def quantize_model(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if reduce_range is None:
-        reduce_range = not cpu_has_vnni()
+        reduce_range = not cpu.has_vnni()
     calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy}
     calibrate["percentile"] = CalibrationMethod.Percentile
     with tempfile.TemporaryDirectory(prefix="seldon-caffe-quantize-") as work:
@@ -189,57 +186,13 @@ class _Reader:
 
 
 def accuracy_report(fp32: Path, int8: Path, samples: Sequence[Sample]) -> dict[str, dict[str, float]]:
-    """Per output, over `samples`: relative error (max|a - b| / max|b|, the conformance measure),
-    mean absolute error, and for class scores (one value per class per item) top-1 agreement."""
+    """Per output, over `samples`: the int8 model against the fp32 one (accuracy.compare's
+    measures: relative error, mean absolute error, top-1 agreement for class scores)."""
     import onnxruntime as ort
+
+    from .accuracy import compare
 
     sessions = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) for path in (fp32, int8)]
     names = [o.name for o in sessions[0].get_outputs()]
-    runs = [[dict(zip(names, s.run(names, sample), strict=True)) for sample in samples] for s in sessions]
-    report = {}
-    for name in names:
-        want = np.concatenate([r[name].reshape(len(r[name]), -1) for r in runs[0]])
-        got = np.concatenate([r[name].reshape(len(r[name]), -1) for r in runs[1]])
-        stats = {
-            "relative_error": float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-12)),
-            "mean_abs_error": float(np.mean(np.abs(got - want))),
-        }
-        if want.shape[1] > 1:
-            stats["top1_agreement"] = float(np.mean(want.argmax(axis=1) == got.argmax(axis=1)))
-        report[name] = stats
-    return report
-
-
-def _require(*modules: str) -> None:
-    """The commands are in every install; the engines they use come with extras, and the
-    error names the extras that bring the missing ones (torch's, not onnx's, for torch)."""
-    import importlib.util
-
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise SeldonCaffeError(f"this command needs {', '.join(missing)}: {install_hint(missing)}")
-
-
-def install_hint(modules: Sequence[str]) -> str:
-    """How to install `modules`: one pip command for our extras, then any other hints."""
-    extras: dict[str, None] = {}
-    others: dict[str, None] = {}
-    for module in modules:
-        runtime = _COMES_WITH_RUNTIME.get(module, module)
-        hint = REGISTRY[runtime][2] if runtime in REGISTRY else module
-        extra = re.fullmatch(r"seldon-caffe\[(\w+)\]", hint)
-        if extra:
-            extras[extra[1]] = None
-        else:
-            others[hint] = None
-    steps = [f"pip install 'seldon-caffe[{','.join(extras)}]'"] if extras else []
-    return "; ".join(steps + [f"install {hint}" for hint in others])
-
-
-def cpu_has_vnni() -> bool:
-    """Whether this CPU has AVX-512 VNNI or AVX-VNNI (fast, non-saturating int8 dot products)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    want, got = ([dict(zip(names, s.run(names, sample), strict=True)) for sample in samples] for s in sessions)
+    return compare(want, got)

@@ -28,30 +28,16 @@ from . import advice, k8s
 from .config import FORMAT_FILES
 from .errors import SeldonCaffeError
 from .paths import check_output_dir
+from .runtimes import registry
 
 TEMPLATES_ENV = "SELDON_CAFFE_TEMPLATES"
 MANIFEST = Path("deploy/seldondeployment.yaml")
 MODEL_SETTINGS = Path(k8s.MODEL_SETTINGS)
 
-# file extension -> (format, key of model.yaml's `files`)
-EXTENSIONS: dict[str, tuple[str, str]] = {
-    ".prototxt": ("caffe", "prototxt"),
-    ".caffemodel": ("caffe", "weights"),
-    ".onnx": ("onnx", "onnx"),
-    ".pt": ("torch", "torchscript"),
-    ".pth": ("torch", "torchscript"),
-    ".torchscript": ("torch", "torchscript"),
-    ".plan": ("tensorrt", "plan"),
-    ".engine": ("tensorrt", "plan"),
-}
-# what model.yaml names before the user has copied the real files in
-PLACEHOLDER_FILES: dict[str, dict[str, str]] = {
-    "caffe": {"prototxt": "deploy.prototxt", "weights": "weights.caffemodel"},
-    "onnx": {"onnx": "model.onnx"},
-    "tensorflow": {"saved_model": "saved_model/"},
-    "torch": {"torchscript": "model.pt"},
-    "tensorrt": {"plan": "model.plan"},
-}
+# file extension -> (format, key of model.yaml's `files`), and what model.yaml names before the
+# user has copied the real files in: both from the formats' declarations (runtimes/registry.py)
+EXTENSIONS = registry.FILE_EXTENSIONS
+PLACEHOLDER_FILES = registry.PLACEHOLDER_FILES
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 

@@ -47,6 +47,7 @@ import grpc
 
 from .errors import GRPC_CODES, SeldonCaffeError
 from .limits import DEFAULT_MAX_REQUEST_BYTES
+from .seldon_metrics import metrics_store
 
 logger = logging.getLogger("seldon_caffe.server")  # also when run as __main__
 
@@ -93,6 +94,12 @@ class _Child:
     def describe(self) -> str:
         return f"the {self.name} server (port {self.port})"
 
+    @property
+    def pid(self) -> int:
+        """The started process's id (a child is started as soon as it is made)."""
+        assert self.process.pid is not None
+        return self.process.pid
+
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m seldon_caffe.server OPTIONS_JSON`: what `seldon-caffe serve` execs into once
@@ -124,7 +131,7 @@ def serve(options: ServeOptions) -> int:
     # started with SIGINT/SIGTERM ignored: a terminal's Ctrl-C reaches the whole process group,
     # and the servers' exit hooks still write to it while they drain; it is shut down below.
     with _signals_ignored(signal.SIGINT, signal.SIGTERM):
-        metrics = _metrics_store()
+        metrics = metrics_store()
     user = SeldonCaffeModel(str(options.model_dir), options.runtime)
     fork = multiprocessing.get_context("fork")  # as Seldon does: the children share `metrics`
 
@@ -155,33 +162,12 @@ def serve(options: ServeOptions) -> int:
         with contextlib.suppress(Exception):
             metrics._manager.shutdown()  # Seldon keeps no public handle on its manager process
     if failed is not None:
-        code = failed.process.exitcode
+        code = failed.process.exitcode or 0  # it exited: an int
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
         print(f"seldon-caffe: error: {failed.describe()} {how}; the service stopped", file=sys.stderr, flush=True)
         return 1
     logger.info("stopped on %s", stop_signal.name)
     return 0
-
-
-def _metrics_store() -> Any:
-    """Seldon's SeldonMetrics, safe for the threads of one server.
-
-    Its update() reads the worker's metrics from the shared store, adds to them and writes
-    them back, each step under the store's lock but not the whole: two threads of one server
-    (gunicorn's gthread, the gRPC pool) updating at once lose one's update (8 of 24 requests
-    counted, measured). One lock per process around the whole update; processes never race,
-    each writes only its own worker entry.
-    """
-    from seldon_core.metrics import SeldonMetrics
-
-    class ThreadSafeMetrics(SeldonMetrics):
-        _update_lock = threading.Lock()  # copied unlocked into each forked server
-
-        def update(self, custom_metrics: list[dict], method: str) -> None:
-            with self._update_lock:
-                super().update(custom_metrics, method)
-
-    return ThreadSafeMetrics(worker_id_func=os.getpid)
 
 
 def configure_logging(verbose: bool) -> None:
@@ -266,7 +252,7 @@ def _supervise(children: list[_Child], stop_signal: StopSignal) -> _Child | None
     """Wait for a stop signal (None) or for a child to exit on its own (that child)."""
     sentinels = {child.process.sentinel: child for child in children}
     while not stop_signal:
-        ready = wait(list(sentinels), timeout=0.5)
+        ready: list[Any] = wait(list(sentinels), timeout=0.5)  # of the sentinels given: ints
         if ready and not stop_signal:
             return sentinels[ready[0]]
     return None
@@ -278,13 +264,13 @@ def _stop_all(children: list[_Child]) -> None:
     for child in children:
         if child.process.is_alive():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(child.process.pid, signal.SIGTERM)
+                os.kill(child.pid, signal.SIGTERM)
     for child in children:
         child.process.join(max(0.0, deadline - time.monotonic()))
         if child.process.is_alive():
             logger.error("%s did not stop within %.1f s: killed", child.describe(), STOP_S)
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.process.pid, signal.SIGKILL)  # its session: gunicorn's workers too
+                os.killpg(child.pid, signal.SIGKILL)  # its session: gunicorn's workers too
             child.process.join(1.0)
 
 

@@ -17,7 +17,7 @@ each layer must see its predecessors' final weights):
 * BatchNorm: its input's own mean and variance, stored times a moving-average factor other
   than 1, as trained nets store them; Scale, Bias and PReLU: values near their identity.
 
-This is the fill the conformance tests make inside real Caffe (seldon_caffe/reference_root.py),
+This is the fill the conformance tests make inside real Caffe (caffe_oracle/reference_root.py),
 done here with our own writer. The same seed gives the same file on one machine; on another CPU
 the measured spreads, and so the weights, may differ in the last bits.
 """
@@ -35,7 +35,7 @@ import numpy as np
 
 from .caffe import CaffeNet, caffe_pb2, load_caffe_net
 from .caffe.net import WeightsError
-from .errors import SeldonCaffeError
+from .errors import SeldonCaffeError, first_line
 from .paths import check_output_path
 
 NORMALISED = ("Convolution", "Deconvolution", "InnerProduct")
@@ -101,9 +101,9 @@ def fill_random_weights(net: CaffeNet, seed: int = 0) -> str | None:
         tops: list[np.ndarray] | None = None
         if known:
             try:
-                tops = _run_layer(net, layer, bottoms)
-            except Exception as exc:  # noqa: BLE001 (OpenCV raises cv2.error for what it cannot run)
-                why = str(exc).strip().splitlines()[-1][:120]
+                tops = _run_layer(net, layer, [b for b in bottoms if b is not None])  # all are, when known
+            except Exception as exc:  # OpenCV raises cv2.error for what it cannot run
+                why = first_line(exc, 120, last=True)
                 unmeasured = unmeasured or (
                     f"OpenCV cannot run layer {layer.name!r} ({layer.type}: {why}); "
                     "the layers after it got weights scaled by their fan-in only"
@@ -113,7 +113,7 @@ def fill_random_weights(net: CaffeNet, seed: int = 0) -> str | None:
             if spread > 0:  # (Wx + b) / s: unit spread, exactly
                 net.set_weights(layer.name, [a / spread for a in arrays])
                 tops = [tops[0] / spread, *tops[1:]]
-        values: list[np.ndarray | None] = list(tops or [])[: len(layer.top)]  # OpenCV may add outputs
+        values: list[np.ndarray | None] = list((tops or [])[: len(layer.top)])  # OpenCV may add outputs
         blobs.update(zip(layer.top, values + [None] * (len(layer.top) - len(values)), strict=True))
     return unmeasured
 
@@ -191,7 +191,7 @@ def _run_layer(net: CaffeNet, layer: caffe_pb2.LayerParameter, bottoms: list[np.
     except WeightsError:
         pass  # learns nothing
     model = bytearray(single.caffemodel_bytes())
-    cv_net = cv2.dnn.readNetFromCaffe(bytearray(single.prototxt_bytes()), model)
+    cv_net = cv2.dnn.readNetFromCaffe(bytearray(single.prototxt_bytes()), model)  # type: ignore[call-overload]  # buffers: cv2 stubs know only str and arrays
     for name, value in values.items():
         cv_net.setInput(np.ascontiguousarray(value, np.float32), name)
     outputs = cv_net.forwardAndRetrieve([layer.name])[0]

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import copy_model
+from helpers import copy_model
 
 from seldon_caffe import advice
 from seldon_caffe.config import DEFAULT_OPTIONS, FORMAT_RUNTIMES, ModelConfig, load_config
@@ -83,8 +83,13 @@ def test_precision_a_runtime_ignores_is_a_warning():
     assert advice.settings_warnings(settings(runtime="onnxruntime", precision="int8"), "onnxruntime") == []
 
 
-def test_auto_in_the_image_is_opencv_unless_a_pycaffe_worker_is_set():
-    assert advice.image_runtime(settings()) == "opencv"  # the builder image has no pycaffe
+def test_auto_in_the_image_is_the_likely_pick_among_its_engines_unless_a_pycaffe_worker_is_set():
+    # The default image has OpenCV and ONNX Runtime's CPU build, and no pycaffe.
+    assert advice.image_runtime(settings()) == "onnxruntime"
+    assert advice.image_runtime(settings(precision="int8")) == "onnxruntime"
+    assert advice.image_runtime(settings(device="cuda")) == "opencv"  # the CPU build cannot use it
+    assert advice.image_runtime(settings(precision="bf16")) == "openvino"  # which the image must add
+    assert advice.builder(settings(precision="bf16"), "openvino").build_args == ("EXTRAS=onnx,openvino",)
     assert advice.image_runtime(settings(pycaffe_command=["python3"])) == "pycaffe"
     assert advice.image_runtime(settings("tensorflow")) == "tensorflow"
 

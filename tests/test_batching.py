@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import requests
 import yaml
-from conftest import EXAMPLES, copy_model, run_concurrently
+from helpers import EXAMPLES, copy_model, run_concurrently
 from prometheus_client.parser import text_string_to_metric_families
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 from seldon_core.utils import array_to_grpc_datadef, grpc_datadef_to_array
@@ -115,7 +115,7 @@ def answer_all(pipeline: Pipeline, payloads: list[Any]) -> list[tuple[Any, Reque
         stats = RequestStats()
         try:
             return pipeline.answer(payloads[index], {"tags": {"client": index}}, stats=stats), stats
-        except Exception as error:  # noqa: BLE001 - the test looks at each request's own error
+        except Exception as error:  # the test looks at each request's own error
             return error, stats
 
     pool = ThreadPoolExecutor(len(payloads))
@@ -486,6 +486,7 @@ def batch_size_totals(service: Service) -> tuple[float, float]:
 CLIENTS = 32
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("protocol", ["seldon", "v2"])
 def test_32_clients_over_rest_and_grpc_each_get_their_own_unbatched_answer(tmp_path: Path, protocol: str) -> None:
     """32 clients at once, each sending 2 requests of 1-3 rows of its own: every answer equals
@@ -540,6 +541,7 @@ run_model.batch_safe = True
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("protocol", ["seldon", "v2"])
 def test_queue_full_is_503_and_timeout_is_504_over_rest_and_grpc(tmp_path: Path, protocol: str) -> None:
     """A run holds the model; one request waits (max_queue_size 1); the next is refused, 503

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import copy_model
+from helpers import copy_model
 from service import running_service
 
 from seldon_caffe.bench.report import CSV_COLUMNS
@@ -58,6 +58,7 @@ def service_processes(model_dir: Path) -> list[str]:
     return [line for line in ps.splitlines() if any(s in line for s in served) and str(model_dir) in line]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("protocol", ["seldon-rest", "seldon-grpc", "v2-rest", "v2-grpc"])
 def test_bench_serves_a_model_directory_and_reports_each_level(protocol, plain_lenet, tmp_path):
     if protocol.startswith("v2-"):
@@ -80,6 +81,7 @@ def test_bench_serves_a_model_directory_and_reports_each_level(protocol, plain_l
     assert service_processes(plain_lenet) == [], "the service bench started is stopped"
 
 
+@pytest.mark.e2e
 def test_bench_a_running_service_counts_errors_by_status(plain_lenet, tmp_path):
     wrong = request_file(tmp_path / "wrong.json", (1, 3, 28, 28))  # the model takes 1 channel
     with running_service(plain_lenet) as service:
@@ -95,6 +97,7 @@ def test_bench_a_running_service_counts_errors_by_status(plain_lenet, tmp_path):
         assert row[7].endswith("x400") and "(no metrics)" in grpc.stdout, grpc.stdout  # INVALID_ARGUMENT
 
 
+@pytest.mark.e2e
 def test_bench_a_running_v2_service_finds_the_model_and_counts_errors_by_status(plain_lenet, tmp_path):
     """A file goes as the model's first input (base64 over REST, raw bytes over gRPC); a
     wrong tensor is a 400 over both transports; a model the server lacks is one line."""
@@ -120,6 +123,7 @@ def test_bench_a_running_v2_service_finds_the_model_and_counts_errors_by_status(
             assert missing.stderr.strip() == f"seldon-caffe: error: {target.split('//')[-1]} serves no model 'nope'"
 
 
+@pytest.mark.e2e
 def test_open_loop_rate(plain_lenet, tmp_path):
     request = request_file(tmp_path / "request.json", (1, 1, 28, 28))
     done = bench(plain_lenet, "--request", request, "--rate", "20", *SHORT)
@@ -128,6 +132,7 @@ def test_open_loop_rate(plain_lenet, tmp_path):
     assert row[0] == "20/s" and float(row[1]) > 0
 
 
+@pytest.mark.e2e
 def test_ctrl_c_stops_cleanly_with_the_partial_report(plain_lenet, tmp_path):
     request = request_file(tmp_path / "request.json", (1, 1, 28, 28))
     command = [sys.executable, "-m", "seldon_caffe.cli", "bench", str(plain_lenet), "--request", str(request),

@@ -18,10 +18,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import ZOO
 from google.protobuf import descriptor_pb2
+from helpers import ZOO
 
-from seldon_caffe import reference
+from caffe_oracle import reference
 from seldon_caffe.caffe import (
     PARAMETRISED_LAYERS,
     CaffeFormatError,
@@ -118,6 +118,7 @@ def _param_arrays(params: dict[str, list[np.ndarray]], prefix: str = "") -> dict
 # -- the proto ------------------------------------------------------------------------
 
 
+@pytest.mark.reference
 def test_our_proto_matches_real_caffe(caffe_says: dict) -> None:
     """Every message, field (number, type, label, packing, default) and enum value we define is Caffe's."""
     theirs, ours = caffe_says["proto"], reference.describe_proto(caffe_pb2.DESCRIPTOR)
@@ -224,6 +225,7 @@ def test_caffemodel_round_trip(small: CaffeNet, tmp_path: Path) -> None:
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("name", ["lenet", "small"])
 def test_our_caffemodel_answers_the_same_in_opencv_and_real_caffe(
     caffe_says: dict, name: str, lenet: CaffeNet, small: CaffeNet
@@ -239,10 +241,12 @@ def test_our_caffemodel_answers_the_same_in_opencv_and_real_caffe(
     np.testing.assert_allclose(cv_net.forward("prob"), caffe_out["out/prob"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.reference
 def test_v1_files_we_write_load_in_real_caffe(caffe_says: dict) -> None:
     np.testing.assert_allclose(caffe_says["lenet_v1.npz"]["out/prob"], caffe_says["lenet.npz"]["out/prob"], rtol=1e-6)
 
 
+@pytest.mark.reference
 def test_we_read_a_caffemodel_real_caffe_saved(caffe_says: dict) -> None:
     net = load_caffe_net(ZOO / "lenet.prototxt", caffe_says["saved.caffemodel"])
     for key, array in caffe_says["saved.npz"].items():

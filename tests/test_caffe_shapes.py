@@ -8,9 +8,9 @@ Split blobs ("*_split_N") are the only blobs it may have that we do not.
 from __future__ import annotations
 
 import pytest
-from conftest import ZOO
+from helpers import ZOO
 
-from seldon_caffe import reference
+from caffe_oracle import reference
 from seldon_caffe.caffe import (
     SUPPORTED_LAYERS,
     CaffeFormatError,
@@ -183,12 +183,14 @@ def _check_against_caffe(net_text: str, answer: dict, batch: int | None) -> None
         assert {name: [list(s) for s in shapes] for name, shapes in our_params.items() if shapes} == answer["params"]
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("name", ZOO_NETS)
 @pytest.mark.parametrize("batch", BATCHES)
 def test_zoo_shapes_match_real_caffe(caffe_answers: dict, name: str, batch: int | None) -> None:
     _check_against_caffe((ZOO / f"{name}.prototxt").read_text(), caffe_answers[f"zoo/{name}", batch], batch)
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("name", sorted(LAYER_NETS))
 def test_layer_shapes_match_real_caffe(caffe_answers: dict, name: str) -> None:
     _check_against_caffe(LAYER_NETS[name], caffe_answers[f"layers/{name}", None], None)

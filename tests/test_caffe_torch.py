@@ -69,6 +69,7 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a.astype(np.float64) - b)) / np.max(np.abs(b)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pt2", ".pt"])
 def test_convert_caffe_to_torch_files_the_torch_runtime_serves(
     suffix: str, tmp_path: Path, lenet_example: Path
@@ -135,6 +136,7 @@ def test_cpu_options_for_a_caffe_net(tmp_path: Path, lenet_example: Path) -> Non
             load_runtime(load_config(lenet_dir(tmp_path, lenet_example, name, **options)))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch here (runs where one is)")
 def test_caffe_net_on_the_gpu(tmp_path: Path, lenet_example: Path) -> None:
     """fp32 on the GPU (TF32 off) as on the CPU; fp16 with channels_last and CUDA graphs close, same top-1."""

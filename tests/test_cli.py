@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ZOO, copy_model
+from helpers import ZOO, copy_model
 
 LENET_PROTOTXT = ZOO / "lenet.prototxt"
 
@@ -42,7 +42,7 @@ def test_version_and_runtime_choices(plain_lenet: Path) -> None:
     wrong = cli("predict", plain_lenet, "--runtime", "foo", "--data", "[1]")
     assert (
         wrong.returncode == 2
-        and "argument --runtime: invalid choice: 'foo' (choose from 'auto', 'opencv'" in wrong.stderr
+        and "argument --runtime: invalid choice: 'foo' (choose from 'auto', 'pycaffe', 'opencv'" in wrong.stderr
     )
     assert "model.yaml" not in wrong.stderr
 
@@ -52,6 +52,7 @@ def test_model_yaml_that_is_not_yaml_is_one_line(plain_lenet: Path) -> None:
     one_line_error(cli("inspect", plain_lenet), "model.yaml: not valid YAML: ", "(line 3, column 1)")
 
 
+@pytest.mark.slow
 def test_outputs_are_checked_before_any_work(tmp_path: Path, plain_lenet: Path) -> None:
     missing = tmp_path / "nowhere"
     weights = plain_lenet / "weights.caffemodel"
@@ -69,6 +70,7 @@ def test_outputs_are_checked_before_any_work(tmp_path: Path, plain_lenet: Path) 
     one_line_error(cli("convert", "caffe", LENET_PROTOTXT, weights, "-o", tmp_path), "is a directory")
 
 
+@pytest.mark.slow
 def test_predict_summarises_a_binary_answer_and_out_keeps_it(tmp_path: Path, plain_lenet: Path) -> None:
     x = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -83,6 +85,7 @@ def test_predict_summarises_a_binary_answer_and_out_keeps_it(tmp_path: Path, pla
     assert len(done.stdout) < 300  # not kilobytes of base64
 
 
+@pytest.mark.slow
 def test_predict_reports_a_failed_request_once(tmp_path: Path, plain_lenet: Path) -> None:
     (tmp_path / "x.bin").write_bytes(b"\x00" * 100)
     done = cli("predict", plain_lenet, "--file", tmp_path / "x.bin")

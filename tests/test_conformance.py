@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ZOO
+from helpers import ZOO
 
-from seldon_caffe import reference
+from caffe_oracle import reference
 from seldon_caffe.caffe import load_caffe_net, read_prototxt, upgrade_net
 from seldon_caffe.config import parse_config
 from seldon_caffe.runtimes import Runtime, load_runtime
@@ -43,7 +43,10 @@ RUNTIMES = ("opencv", "pycaffe")
 LAYER_NETS = Path(__file__).parent / "layer_nets"
 NETS = {p.stem: p for p in [*sorted(ZOO.glob("*.prototxt")), *sorted(LAYER_NETS.glob("*.prototxt"))]}
 
-pytestmark = pytest.mark.skipif(reference.unavailable_reason() is not None, reason=f"{reference.unavailable_reason()}")
+pytestmark = [
+    pytest.mark.reference,
+    pytest.mark.skipif(reference.unavailable_reason() is not None, reason=f"{reference.unavailable_reason()}"),
+]
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:

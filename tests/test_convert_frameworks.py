@@ -21,6 +21,8 @@ import pytest
 from service import running_service
 
 TOLERANCE = 1e-4
+# TensorFlow and tf2onnx: a SavedModel built, converted and run in subprocesses, 10-30 s a test.
+pytestmark = pytest.mark.slow
 HAVE_TF = all(importlib.util.find_spec(m) for m in ("tensorflow", "tf2onnx"))
 needs_tf = pytest.mark.skipif(not HAVE_TF, reason="needs tensorflow and tf2onnx (pip install seldon-caffe[tensorflow])")
 
@@ -104,6 +106,7 @@ def convert_keras(
     return seldon_caffe("convert", "tensorflow", saved_model, "--config", config, "-o", output, check=check)
 
 
+@pytest.mark.e2e
 @needs_tf
 def test_keras_saved_model_converts_and_serves_like_keras(keras_saved_model, tmp_path):
     onnx = tmp_path / "model.onnx"

@@ -10,8 +10,8 @@ from test_convert_frameworks import TOLERANCE, onnx_model_dir, relative_error, s
 torch = pytest.importorskip("torch", reason="needs torch (pip install seldon-caffe[torch])")
 
 from seldon_caffe.convert.check import ConversionMismatch, check_conversion  # noqa: E402
-from seldon_caffe.convert.description import load_description  # noqa: E402
 from seldon_caffe.convert.torch import load_torch_model, torch_to_onnx  # noqa: E402
+from seldon_caffe.engines.description import load_description  # noqa: E402
 from seldon_caffe.errors import SeldonCaffeError  # noqa: E402
 
 IMAGE = [{"name": "image", "data_type": "float32", "dims": [-1, 3, 32, 32]}]
@@ -66,6 +66,7 @@ def test_torchscript_exports_with_dynamic_batch(two_heads, tmp_path):
     _check_onnx(tmp_path / "m.onnx", model, batch=5)  # a batch size the export never saw
 
 
+@pytest.mark.slow
 def test_exported_program_and_whole_pickle(two_heads, tmp_path, capsys):
     model, description = two_heads
     program = torch.export.export(model, (torch.zeros(2, 3, 32, 32),), dynamic_shapes=({0: torch.export.Dim("batch")},))
@@ -80,6 +81,7 @@ def test_exported_program_and_whole_pickle(two_heads, tmp_path, capsys):
     _check_onnx(tmp_path / "p.onnx", model)
 
 
+@pytest.mark.slow
 def test_torchvision_state_dict_converts_and_serves_like_torch(tmp_path):
     torchvision = pytest.importorskip("torchvision", reason="needs torchvision (pip install seldon-caffe[torchvision])")
     torch.manual_seed(0)
@@ -152,6 +154,7 @@ def test_a_conversion_that_answers_differently_is_caught(two_heads, tmp_path):
         check_conversion(tmp_path / "m.onnx", description, other_answers, "PyTorch")
 
 
+@pytest.mark.slow
 def test_torchvision_torchscript_serves_alike_through_onnx_and_the_torch_runtime(tmp_path):
     """One TorchScript file, two ways to serve it: converted for onnxruntime, and as it is
     through the torch runtime (its config.txt giving the signature); both answer like torch."""

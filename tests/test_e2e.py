@@ -14,13 +14,15 @@ import json
 import grpc
 import numpy as np
 import pytest
-from conftest import REPO, copy_model
+from helpers import REPO, copy_model
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 from seldon_core.utils import array_to_grpc_datadef, grpc_datadef_to_array
 from service import running_service
 
 from seldon_caffe.config import load_config
 from seldon_caffe.runtimes import load_runtime
+
+pytestmark = pytest.mark.e2e  # every test talks to `seldon-caffe serve` (tests/service.py)
 
 HOOKS = (REPO / "tests" / "data" / "e2e_hooks.py").read_text()
 RNG = np.random.default_rng(7)

@@ -10,10 +10,12 @@ import sys
 import grpc
 import numpy as np
 import pytest
-from conftest import REPO, copy_model
+from helpers import REPO, copy_model
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 from seldon_core.utils import array_to_grpc_datadef
 from service import running_service
+
+pytestmark = pytest.mark.e2e  # every test serves a model, or tries to (tests/service.py)
 
 HOOKS = (REPO / "tests" / "data" / "e2e_hooks.py").read_text()
 GOOD = {"data": {"ndarray": np.zeros((1, 1, 28, 28)).tolist()}}

@@ -11,7 +11,6 @@ quotes must be the ones the command prints. Real Caffe, where present, checks th
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import sys
@@ -21,29 +20,22 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import EXAMPLES
 from google.protobuf import json_format
+from helpers import EXAMPLES
 from PIL import Image
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 from service import running_service
 
-from seldon_caffe import reference
+from caffe_oracle import reference
 from seldon_caffe.hooks import request_context
 from seldon_caffe.model import SeldonCaffeModel
+
+sys.path.insert(0, str(EXAMPLES))  # the examples' shared helpers (examples/_train)
+from _train import load_script
 
 VISION, RANKING, QA = EXAMPLES / "vision", EXAMPLES / "ranking", EXAMPLES / "qa_match"
 DIGITS = {"sample.png": 7, "samples/digit_4.jpg": 4, "samples/digit_0.png": 0, "samples/digit_9.png": 9}
 QUESTIONS = {"我忘记密码了，登不进去怎么办": 2, "房东一直不退押金，平台能管吗": 23}
-
-
-def load_module(path: Path) -> Any:
-    """Import an example's script under a name of its own (examples are not packages)."""
-    name = f"example_{path.parent.name}_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +118,7 @@ def assert_readme_quotes(model_dir: Path, lines: list[str]) -> None:
 # -- vision ----------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sample", DIGITS)
 def test_vision_rest(vision, local, sample):
     image = (VISION / sample).read_bytes()
@@ -137,6 +130,7 @@ def test_vision_rest(vision, local, sample):
     assert rest_json(vision.post({"strData": encoded})) == want
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("transport", ["rest", "grpc"])
 def test_vision_seldon_client(vision, local, transport):
     image = (VISION / "samples" / "digit_4.jpg").read_bytes()
@@ -145,6 +139,7 @@ def test_vision_seldon_client(vision, local, transport):
     assert client_json(vision, transport, str_data=base64.b64encode(image).decode()) == want
 
 
+@pytest.mark.e2e
 def test_vision_top_k_tag(vision, local):
     image = (VISION / "sample.png").read_bytes()
     want = in_process(local, VISION, image, {"k": 5})
@@ -156,6 +151,7 @@ def test_vision_top_k_tag(vision, local):
     assert_400(vision, {**body, "meta": {"tags": {"k": 11}}}, "tag k must be a whole number from 1 to 10")
 
 
+@pytest.mark.e2e
 def test_vision_rejects_a_non_image(vision):
     text = (VISION / "samples" / "not_an_image.txt").read_bytes()
     assert_400(vision, {"binData": base64.b64encode(text).decode()}, "not an image", "PNG or JPEG")
@@ -164,6 +160,7 @@ def test_vision_rejects_a_non_image(vision):
     assert vision.post({"binData": base64.b64encode((VISION / "sample.png").read_bytes()).decode()}).ok
 
 
+@pytest.mark.e2e
 def test_vision_rejects_a_decompression_bomb(vision):
     """A 10000x10000 PNG of one colour is ~100 KB: the header alone gets it a 400, over REST and gRPC."""
     buffer = io.BytesIO()
@@ -175,7 +172,7 @@ def test_vision_rejects_a_decompression_bomb(vision):
 
 
 def test_vision_accuracy():
-    evaluate = load_module(VISION / "evaluate.py")
+    evaluate = load_script(VISION / "evaluate.py")
     result = evaluate.evaluate()
     assert result["all"] >= 0.97, result
     assert_readme_quotes(VISION, evaluate.report(result))
@@ -184,6 +181,7 @@ def test_vision_accuracy():
 # -- ranking ---------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_ranking_rest_and_grpc(ranking, local):
     body = json.loads((RANKING / "samples" / "request.json").read_text())
     request, tags = body["jsonData"], body["meta"]["tags"]
@@ -199,6 +197,7 @@ def test_ranking_rest_and_grpc(ranking, local):
         assert client_json(ranking, transport, json_data=request) == everything
 
 
+@pytest.mark.e2e
 def test_ranking_rejects_a_candidate_missing_a_feature(ranking):
     body = json.loads((RANKING / "samples" / "missing_feature.json").read_text())
     item_id = body["jsonData"]["candidates"][2]["item_id"]
@@ -210,7 +209,7 @@ def test_ranking_rejects_a_candidate_missing_a_feature(ranking):
 
 
 def test_ranking_auc():
-    evaluate = load_module(RANKING / "evaluate.py")
+    evaluate = load_script(RANKING / "evaluate.py")
     result = evaluate.evaluate()
     assert result["model auc"] >= 0.75, result
     assert result["random ndcg@10"] < result["model ndcg@10"] < result["oracle ndcg@10"]
@@ -220,6 +219,7 @@ def test_ranking_auc():
 # -- qa_match --------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("question", QUESTIONS)
 def test_qa_rest_and_grpc(qa, local, question):
     want = in_process(local, QA, question)
@@ -232,6 +232,7 @@ def test_qa_rest_and_grpc(qa, local, question):
         assert client_json(qa, transport, json_data={"question": question}) == want
 
 
+@pytest.mark.e2e
 def test_qa_rejects_an_empty_question(qa):
     assert_400(qa, json.loads((QA / "samples" / "empty_question.json").read_text()), "the question is empty")
     assert_400(qa, {"jsonData": {"question": ""}}, "the question is empty")
@@ -240,7 +241,7 @@ def test_qa_rejects_an_empty_question(qa):
 
 
 def test_qa_accuracy():
-    evaluate = load_module(QA / "evaluate.py")
+    evaluate = load_script(QA / "evaluate.py")
     result = evaluate.evaluate()
     assert result["model top-1"] >= 0.85 and result["model top-3"] >= 0.95, result
     assert_readme_quotes(QA, evaluate.report(result))
@@ -249,6 +250,7 @@ def test_qa_accuracy():
 # -- the committed weights, checked against real Caffe -----------------------------------
 
 
+@pytest.mark.reference
 def test_weights_run_the_same_in_real_caffe(local):
     """What our runtime computes from each committed caffemodel, real Caffe computes too."""
     if reference.unavailable_reason():

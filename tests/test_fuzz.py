@@ -25,9 +25,11 @@ from typing import Any
 
 import pytest
 import schemathesis
-from conftest import EXAMPLES, copy_model
 from fuzzing import cases, fuzz
+from helpers import EXAMPLES, copy_model
 from service import Service, running_service, strict_json
+
+pytestmark = pytest.mark.e2e  # the fuzzed requests go to served models (tests/service.py)
 
 PREDICTIONS = "/api/v1.0/predictions"
 # Cases per operation: the JSON predictions endpoint is what clients use, so most go there;

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import requests
 import yaml
-from conftest import copy_model
+from helpers import copy_model
 from k8s_check import (
     COMMAND_ENV,
     CRD_DIR,
@@ -313,6 +313,7 @@ def infer_lenet(service: Service, model: str, x: np.ndarray) -> np.ndarray:
     return np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
 
 
+@pytest.mark.e2e
 def test_kserve_container_serves_the_model_from_the_storage_location(plain_lenet, tmp_path, capsys):
     """The ServingRuntime's command and env, as KServe runs them once its storage initializer put
     the model in /mnt/models (here a folder), answer V2 requests under the InferenceService's name."""
@@ -333,6 +334,7 @@ def test_kserve_container_serves_the_model_from_the_storage_location(plain_lenet
     assert prob.shape == (2, 10) and np.allclose(prob.sum(axis=1), 1.0, atol=1e-4)
 
 
+@pytest.mark.e2e
 def test_seldon_v2_container_loads_the_model_as_seldons_agent_asks(plain_lenet, tmp_path, capsys):
     """The Server's command in the env Seldon's ServerConfig gives it starts an empty MLServer;
     the model then loads as Seldon's agent loads one: the artifact copied under the models folder,

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from conftest import EXAMPLES, copy_model
+from helpers import EXAMPLES, copy_model
 from PIL import Image
 
 from seldon_caffe import decode_image

@@ -10,7 +10,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import REPO, copy_model
+from helpers import REPO, copy_model
 
 from seldon_caffe.cli import main
 from seldon_caffe.config import load_config
@@ -165,7 +165,7 @@ def test_concurrent_runs_match_serial(lenet_example):
 
 
 def test_get_set_weights_round_trip(lenet_example):
-    with load_runtime(load_config(lenet_example)) as model:
+    with load_runtime(load_config(lenet_example, runtime="opencv")) as model:
         before = model.run(IMAGES)["prob"]
         weights = model.get_weights("ip2")
         assert [w.shape for w in weights] == [(10, 500), (10,)]
@@ -233,6 +233,7 @@ def test_predict_traceback_shows_where_a_hook_failed(tmp_path, lenet_example, ca
     )
 
 
+@pytest.mark.slow
 def test_predict_command_with_image_hooks(lenet_example):
     image = REPO / "examples" / "lenet" / "sample.png"
     result = subprocess.run(

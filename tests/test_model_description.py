@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from seldon_caffe.convert.description import (
+from seldon_caffe.engines.description import (
     DescriptionError,
     SignatureEntry,
     find_signature_entry,

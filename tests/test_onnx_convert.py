@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import ZOO
+from helpers import ZOO
 
 from seldon_caffe.caffe import CaffeFormatError, CaffeNet, infer_shapes, load_caffe_net, parse_prototxt
 from seldon_caffe.caffe.to_onnx import BATCH_DIM, UnsupportedLayer, caffe_to_onnx, unconvertible_layers

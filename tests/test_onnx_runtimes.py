@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ZOO
+from helpers import ZOO
 from service import running_service
 from test_conformance import (
     BATCHES,
@@ -39,7 +39,8 @@ from test_conformance import (
     runtime_cases,
 )
 
-from seldon_caffe import quantize, reference
+from caffe_oracle import reference
+from seldon_caffe import extras, quantize
 from seldon_caffe.config import load_config, parse_config
 from seldon_caffe.errors import ConfigError, ModelLoadError, SeldonCaffeError
 from seldon_caffe.runtimes import REGISTRY, Runtime, load_runtime
@@ -57,7 +58,7 @@ needs_caffe = pytest.mark.skipif(reference.unavailable_reason() is not None, rea
 
 def needs_engine(runtime: str) -> None:
     """Skip, saying why, where the runtime's engine (an optional extra) is not installed."""
-    install = REGISTRY[runtime][2]
+    install = REGISTRY[runtime].install
     pytest.importorskip(runtime, reason=f"the {runtime} runtime's engine is not installed (install {install})")
 
 
@@ -119,6 +120,7 @@ def onnx_runtimes(onnx_reference: Any) -> Iterator[Any]:
         model.close()
 
 
+@pytest.mark.reference
 @needs_caffe
 @pytest.mark.parametrize(("name", "runtime", "batch"), list(runtime_cases(ALL_NETS, CONVERTED)))
 def test_converted_net_matches_real_caffe(
@@ -147,7 +149,9 @@ def _model_dir(target: Path, name: str, weights: Path, runtime: str, **options: 
     return target
 
 
+@pytest.mark.reference
 @needs_caffe
+@pytest.mark.e2e
 @pytest.mark.parametrize("runtime", CONVERTED)
 def test_service_answers_like_real_caffe(runtime: str, onnx_reference: Any, tmp_path: Path) -> None:
     """A zoo net converted on load, served by the real microservice over REST and gRPC."""
@@ -170,6 +174,7 @@ def test_service_answers_like_real_caffe(runtime: str, onnx_reference: Any, tmp_
         assert relative_error(got, want) <= REL_TOL
 
 
+@pytest.mark.reference
 @needs_caffe
 def test_int8_quantized_zoo_net(onnx_reference: Any, tmp_path: Path) -> None:
     """Quantize a converted zoo net with calibration data, serve it at precision int8 on both runtimes."""
@@ -291,10 +296,10 @@ def test_int8_without_a_quantized_model_says_how_to_make_one(runtime: str, tmp_p
 def test_a_missing_engine_names_the_extra_that_brings_it(
     monkeypatch: pytest.MonkeyPatch, missing: tuple[str, ...], hint: str
 ) -> None:
-    """The convert and quantize commands share `quantize._require`; its hint must not send a
+    """The convert and quantize commands share `extras.require_modules`; its hint must not send a
     user who lacks TensorFlow or torch to the [onnx] extra."""
     for module in missing:
         monkeypatch.setitem(sys.modules, module, None)  # as if not installed: import and find_spec fail
     with pytest.raises(SeldonCaffeError) as caught:
-        quantize._require("numpy", *missing)
+        extras.require_modules("numpy", *missing)
     assert str(caught.value) == f"this command needs {', '.join(missing)}: {hint}"

@@ -95,6 +95,7 @@ def lenet_dir(tmp_path_factory: pytest.TempPathFactory, lenet_files: list[Path])
     return work / "lenet"
 
 
+@pytest.mark.e2e
 def test_init_then_s2i_assemble_and_run_answers_over_rest(lenet_dir, tmp_path):
     expected = {".s2i/environment", "README.md", "deploy/seldondeployment.yaml", "hooks.py", "model.yaml"}
     expected.add("model-settings.json")
@@ -208,6 +209,7 @@ def start_s2i_run(env: dict[str, str], tmp_path: Path, ports: list[int], protoco
     return Service(process, *ports, log_path=log, protocol=protocol)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(importlib.util.find_spec("seldon_caffe.v2") is None, reason="seldon_caffe.v2 is not there yet")
 def test_s2i_run_with_protocol_v2_answers_over_v2(lenet_dir, tmp_path):
     """The image's other protocol: SELDON_CAFFE_PROTOCOL=v2 makes s2i/bin/run serve V2 on MLServer's ports."""

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ZOO
+from helpers import ZOO
 from service import alive, is_pycaffe_worker, process_tree, running_service
 
-from seldon_caffe import reference
+from caffe_oracle import reference
 from seldon_caffe.config import load_config
 from seldon_caffe.errors import BadRequest, ConfigError, DeadlineExceeded, ModelLoadError, ModelUnavailable
 from seldon_caffe.runtimes import load_runtime, pycaffe_process
@@ -148,6 +148,7 @@ def _images(batch: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, 1, 28, 28)).astype(np.float32)
 
 
+@pytest.mark.reference
 @needs_caffe
 def test_concurrent_runs_each_get_their_own_answer(model_dir: Path) -> None:
     inputs = [_images(1 + i % 3, seed=i) for i in range(8)]
@@ -175,6 +176,7 @@ def test_concurrent_runs_each_get_their_own_answer(model_dir: Path) -> None:
             np.testing.assert_array_equal(answer, answers[0])
 
 
+@pytest.mark.reference
 @needs_caffe
 def test_killed_worker_costs_one_request_and_keeps_set_weights(model_dir: Path) -> None:
     x = _images(2, seed=1)
@@ -200,6 +202,7 @@ def test_killed_worker_costs_one_request_and_keeps_set_weights(model_dir: Path) 
         model.run(x)  # errors leave the worker serving
 
 
+@pytest.mark.reference
 @needs_caffe
 def test_a_hung_worker_costs_one_504_then_a_new_worker_answers(tmp_path: Path, lenet_weights: Path) -> None:
     model_dir = _model_dir(tmp_path, command=reference.python_command(), weights=lenet_weights, timeout_s="2")
@@ -234,6 +237,7 @@ def test_a_hung_worker_costs_one_504_then_a_new_worker_answers(tmp_path: Path, l
         assert model.native.pid not in (None, hung) and model.native.restarts == 1
 
 
+@pytest.mark.reference
 @needs_caffe
 def test_a_worker_that_dies_at_start_up_is_retried_with_back_off(tmp_path: Path, lenet_weights: Path) -> None:
     """The first start works; then every start dies until the flag file goes. Each attempt
@@ -302,6 +306,7 @@ def test_a_worker_that_dies_at_start_up_is_retried_with_back_off(tmp_path: Path,
             time.sleep(0.05)
 
 
+@pytest.mark.reference
 @needs_caffe
 def test_glog_chatter_goes_to_our_log_not_into_the_protocol(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -312,6 +317,7 @@ def test_glog_chatter_goes_to_our_log_not_into_the_protocol(
     assert any("pycaffe worker" in r.message and "net.cpp" in r.message for r in caplog.records)
 
 
+@pytest.mark.reference
 @needs_caffe
 def test_a_net_caffe_rejects_fails_to_load_with_caffes_reason(model_dir: Path) -> None:
     prototxt = model_dir / "deploy.prototxt"
@@ -328,6 +334,7 @@ def test_a_net_caffe_rejects_fails_to_load_with_caffes_reason(model_dir: Path) -
     assert not aborted & {p.name for p in root_tmp.glob(wire.TMP_PREFIX + "*")}, "the next worker clears it"
 
 
+@pytest.mark.reference
 @needs_caffe
 @pytest.mark.parametrize("ending", ["close", "exit", "SIGKILL"])
 def test_no_worker_outlives_its_runtime(model_dir: Path, ending: str) -> None:
@@ -350,6 +357,7 @@ def test_no_worker_outlives_its_runtime(model_dir: Path, ending: str) -> None:
     assert not any(alive(pid) for pid in pids), f"workers {pids} outlived their runtime ({ending})"
 
 
+@pytest.mark.reference
 @needs_caffe
 def test_in_process_mode_where_import_caffe_works(model_dir: Path) -> None:
     """Where `import caffe` works the runtime uses it directly. Our Python has no pycaffe,
@@ -407,7 +415,9 @@ def test_in_process_mode_where_import_caffe_works(model_dir: Path) -> None:
 # -- the real microservice -----------------------------------------------------------
 
 
+@pytest.mark.reference
 @needs_caffe
+@pytest.mark.e2e
 def test_service_answers_like_real_caffe_and_survives_a_killed_worker(model_dir: Path) -> None:
     x = _images(2, seed=5)
     expected = reference.forward(model_dir / "deploy.prototxt", model_dir / "weights.caffemodel", {"data": x})["prob"]
@@ -441,7 +451,9 @@ def test_service_answers_like_real_caffe_and_survives_a_killed_worker(model_dir:
         assert statuses[-5:] == [200] * 5
 
 
+@pytest.mark.reference
 @needs_caffe
+@pytest.mark.e2e
 def test_v2_service_answers_like_real_caffe_and_a_dead_worker_is_503_and_unavailable(model_dir: Path) -> None:
     """The same over V2 on MLServer: killing the workers costs one request, a 503 over REST
     and UNAVAILABLE over gRPC (each transport in turn), then answers come as before."""

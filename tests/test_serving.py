@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 import pytest
 import requests
-from conftest import REPO, copy_model
+from helpers import REPO, copy_model
 from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
 from seldon_core.utils import array_to_grpc_datadef
 from service import (
@@ -35,6 +35,8 @@ from service import (
     strict_json,
     wait_ready,
 )
+
+pytestmark = pytest.mark.e2e  # every test serves a model on real ports, or tries to
 
 HOOKS = (REPO / "tests" / "data" / "serving_hooks.py").read_text()
 IMAGE = np.zeros((1, 1, 28, 28), np.float32)

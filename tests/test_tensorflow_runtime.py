@@ -22,13 +22,16 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from conftest import run_concurrently
+from helpers import run_concurrently
 
 from seldon_caffe.config import load_config
 from seldon_caffe.errors import BadRequest, ConfigError, ModelLoadError
 
 if importlib.util.find_spec("tensorflow") is None:  # find_spec, not importorskip: no import
     pytest.skip("tensorflow is not installed (pip install -e .[tensorflow])", allow_module_level=True)
+
+# Every test uses the SavedModels the session fixture builds (20 s), and most start subprocesses.
+pytestmark = pytest.mark.slow
 
 RTOL, ATOL = 1e-5, 1e-6
 HERE = Path(__file__).resolve().parent
@@ -274,14 +277,18 @@ def test_options_are_validated(tf_models, tmp_path, options, field, message):
         TensorFlowOptions.from_config(config)
 
 
-def test_defaults_and_environment(tf_models, tmp_path, caplog):
+def test_defaults_and_environment(tf_models, tmp_path):
     from seldon_caffe.runtimes.tensorflow import TensorFlowOptions
 
-    config = load_config(variant(tf_models / "vision", tmp_path, threads=3, intra_ops=2, omp_num_threads=3))
+    config = load_config(variant(tf_models / "vision", tmp_path, threads=3, omp_num_threads=3))
     options = TensorFlowOptions.from_config(config)
     assert (options.signature, options.intra_op, options.inter_op, options.onednn) == ("serving_default", 3, 1, True)
     assert options.environment() == {"TF_ENABLE_ONEDNN_OPTS": "1", "OMP_NUM_THREADS": "3"}
-    assert "options.intra_ops is not a tensorflow option; did you mean intra_op?" in caplog.text
+    typo = load_config(variant(tf_models / "vision", tmp_path / "typo", intra_ops=2))
+    with pytest.raises(
+        ConfigError, match="field 'options.intra_ops': not an option of runtime tensorflow; did you mean intra_op"
+    ):
+        TensorFlowOptions.from_config(typo)
     auto = TensorFlowOptions.from_config(load_config(variant(tf_models / "vision", tmp_path / "auto", onednn="auto")))
     assert auto.environment() == {}  # TensorFlow's own choice for this CPU
 
@@ -365,6 +372,7 @@ def _json_data(response: Any) -> dict[str, np.ndarray]:
     return {name: np.asarray(value, dtype=np.float32) for name, value in response["jsonData"].items()}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("transport", ["rest", "grpc"])
 @pytest.mark.parametrize("payload_type", ["ndarray", "tensor"])
 def test_service_answers_equal_keras(served, expected, transport, payload_type):
@@ -375,6 +383,7 @@ def test_service_answers_equal_keras(served, expected, transport, payload_type):
         np.testing.assert_allclose(got[name], expected[name], rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.e2e
 def test_service_bindata_npy_and_runtime_tag(served, expected):
     buffer = io.BytesIO()
     np.save(buffer, expected["x"][:2])
@@ -385,6 +394,7 @@ def test_service_bindata_npy_and_runtime_tag(served, expected):
     assert response.json()["meta"]["tags"]["runtime"] == "tensorflow"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "data, fragment",
     [
@@ -400,6 +410,7 @@ def test_service_bad_request_is_400(served, expected, data, fragment):
     assert served.post({"data": {"ndarray": expected["x"][:1].tolist()}}).status_code == 200
 
 
+@pytest.mark.e2e
 def test_service_grpc_bad_shape_is_an_error_status(served):
     result = served.client("grpc").microservice(data=np.zeros((1, 8, 8, 4)), method="predict", payload_type="tensor")
     assert not result.success
@@ -436,6 +447,7 @@ def described_dirs(tf_models: Path, where: Path) -> tuple[Path, Path]:
     return tf_dir, onnx_dir
 
 
+@pytest.mark.e2e
 def test_config_txt_names_are_the_same_in_tensorflow_and_onnxruntime(tf_models, tmp_path, expected):
     from service import running_service
 

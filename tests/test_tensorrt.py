@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import run_concurrently
+from helpers import run_concurrently
 from onnx import TensorProto, helper, numpy_helper
 
 from seldon_caffe.config import load_config
@@ -407,7 +407,7 @@ def gpu() -> None:
         pytest.skip(NEEDS_GPU)
 
 
-def build_and_load(tmp_path: Path, model: Path, *flags: object):  # noqa: ANN201 (a TensorRTRuntime)
+def build_and_load(tmp_path: Path, model: Path, *flags: object):  # -> a TensorRTRuntime
     model_dir = plan_dir(tmp_path / "served")
     done = cli("convert", "tensorrt", model, "-o", model_dir / "model.plan", *flags)
     assert done.returncode == 0, done.stderr
@@ -426,6 +426,7 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-12))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-3), ("fp16", 1e-2)])
 def test_plan_matches_onnxruntime(gpu: None, tmp_path: Path, precision: str, tolerance: float) -> None:
     model = mlp_model(tmp_path / "m.onnx")
@@ -442,6 +443,7 @@ def test_plan_matches_onnxruntime(gpu: None, tmp_path: Path, precision: str, tol
             runtime.run(np.zeros((33, 8), np.float32))
 
 
+@pytest.mark.gpu
 def test_int8_plan_with_calibration_cache(gpu: None, tmp_path: Path) -> None:
     model = mlp_model(tmp_path / "m.onnx")
     rng = np.random.default_rng(2)
@@ -457,6 +459,7 @@ def test_int8_plan_with_calibration_cache(gpu: None, tmp_path: Path) -> None:
     runtime.close()
 
 
+@pytest.mark.gpu
 def test_two_inputs_and_threads(gpu: None, tmp_path: Path) -> None:
     model = mlp_model(tmp_path / "m.onnx", two_inputs=True)
     runtime, _ = build_and_load(tmp_path, model, "--max-batch", "8")

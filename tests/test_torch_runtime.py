@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import run_concurrently
+from helpers import run_concurrently
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e .[torch])")
 
@@ -256,6 +256,7 @@ def test_cuda_without_a_gpu_is_a_clear_load_error(files, tmp_path):
         load(model_dir)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (torch.cuda.is_available() is false)")
 @pytest.mark.parametrize("fmt", ["model.pt", "model.pt2"])
 def test_cuda_fp16_channels_last_graphs(files, net, tmp_path, fmt):
@@ -309,6 +310,7 @@ def served(cnn_dir: Path):
         yield service
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("batch", [1, 4])
 def test_service_rest_answers_equal_torch(served, net, batch):
     response = served.post({"data": {"ndarray": IMAGES[:batch].tolist()}})
@@ -318,6 +320,7 @@ def test_service_rest_answers_equal_torch(served, net, batch):
     assert response.json()["meta"]["tags"]["runtime"] == "torch"
 
 
+@pytest.mark.e2e
 def test_service_metadata(served):
     import requests
 
@@ -326,6 +329,7 @@ def test_service_metadata(served):
     assert meta["outputs"] == [{"name": "o", "datatype": "FP32", "shape": [-1, 5]}]
 
 
+@pytest.mark.e2e
 def test_service_grpc_answers_equal_torch(served, net):
     from seldon_core.utils import grpc_datadef_to_array
 
@@ -335,6 +339,7 @@ def test_service_grpc_answers_equal_torch(served, net):
     np.testing.assert_allclose(got, reference(net, IMAGES), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.e2e
 def test_service_bad_shape_is_400(served):
     response = served.post({"data": {"ndarray": np.zeros((1, 3, 8, 8)).tolist()}})
     assert response.status_code == 400, response.text
@@ -342,6 +347,7 @@ def test_service_bad_shape_is_400(served):
     assert served.post({"data": {"ndarray": IMAGES[:1].tolist()}}).status_code == 200
 
 
+@pytest.mark.e2e
 def test_service_serves_an_exported_program(files, net, tmp_path):
     # The server's process has TensorFlow loaded (seldon_core imports it when installed), in
     # which running an ExportedProgram would load OpenAI Triton and crash, were it not kept out.

@@ -110,6 +110,7 @@ def test_tensorrt_plan(tmp_path):
     assert refused.returncode == 1 and "fixed when it was built (convert tensorrt)" in refused.stderr
 
 
+@pytest.mark.slow
 def test_pytorch_source_is_converted_into_the_version(tmp_path):
     torch = pytest.importorskip("torch", reason="needs torch (pip install seldon-caffe[torch])")
     import onnxruntime as ort
@@ -129,6 +130,7 @@ def test_pytorch_source_is_converted_into_the_version(tmp_path):
     assert list(parse(tmp_path / "repo" / "t").output[0].dims) == [3]
 
 
+@pytest.mark.slow
 def test_nothing_of_the_users_is_replaced_without_force(relu_onnx, tmp_path):
     config = write_config(tmp_path / "config.txt", 16, FEATURES, RELU)
     repo = tmp_path / "repo"

@@ -22,18 +22,20 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from conftest import EXAMPLES, copy_model
+from helpers import EXAMPLES, copy_model
 from service import Service, alive, process_tree, running_service, start_service, stop, wait_ready
 
 pytest.importorskip("mlserver", reason="the V2 route needs the mlserver extra")
 
-import grpc  # noqa: E402
-from mlserver.grpc import dataplane_pb2 as pb  # noqa: E402
-from mlserver.grpc import dataplane_pb2_grpc  # noqa: E402
-from mlserver.grpc.converters import ModelInferRequestConverter, ModelInferResponseConverter  # noqa: E402
-from mlserver.types import InferenceRequest  # noqa: E402
+import grpc
+from mlserver.grpc import dataplane_pb2 as pb
+from mlserver.grpc import dataplane_pb2_grpc
+from mlserver.grpc.converters import ModelInferRequestConverter, ModelInferResponseConverter
+from mlserver.types import InferenceRequest
 
-from seldon_caffe.pipeline import Pipeline  # noqa: E402
+from seldon_caffe.pipeline import Pipeline
+
+pytestmark = pytest.mark.e2e  # every test serves a model over V2 (MLServer)
 
 VISION_PNG = (EXAMPLES / "vision" / "sample.png").read_bytes()
 QUESTION = "忘记密码了怎么办"
@@ -224,10 +226,16 @@ def test_a_two_input_net_takes_named_tensors_and_answers_each_output(
 
 
 @pytest.fixture(scope="module")
-def lenet_v1_v2(no_seldon_core: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+def plain_lenet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model_dir = copy_model(EXAMPLES / "lenet", tmp_path_factory.mktemp("lenet") / "lenet")
     (model_dir / "hooks.py").unlink()  # the default hooks: the runtime's own checks answer
-    with running_service(model_dir, verbose=False) as v1, v2_service(model_dir, no_seldon_core) as v2:
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def lenet_v1_v2(no_seldon_core: dict[str, str], plain_lenet: Path) -> Iterator[tuple]:
+    # One after the other: the second reads the engine `runtime: auto` chose for the first.
+    with running_service(plain_lenet, verbose=False) as v1, v2_service(plain_lenet, no_seldon_core) as v2:
         yield v1, v2
 
 
@@ -368,9 +376,9 @@ def test_one_slow_request_does_not_stall_the_others(vision_v2: Service) -> None:
     assert quick < 2.0, f"a quick request waited {quick:.1f} s behind a slow one"
 
 
-def test_metadata_matches_the_signature_and_stage_metrics_are_exported(lenet_v1_v2: tuple) -> None:
+def test_metadata_matches_the_signature_and_stage_metrics_are_exported(lenet_v1_v2: tuple, plain_lenet: Path) -> None:
     _, v2 = lenet_v1_v2
-    pipeline = Pipeline.load(EXAMPLES / "lenet")
+    pipeline = Pipeline.load(plain_lenet)  # the served directory, where `runtime: auto`'s choice is cached
     want = pipeline.metadata()
     pipeline.close()
     got = requests.get(f"{v2.url}/v2/models/lenet", timeout=30).json()

@@ -32,19 +32,21 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from conftest import EXAMPLES, copy_model
 from fuzzing import cases, fuzz
+from helpers import EXAMPLES, copy_model
 from hypothesis import strategies as st
 from service import Service, running_service
 
 pytest.importorskip("mlserver", reason="the V2 route needs the mlserver extra")
 
-import grpc  # noqa: E402
-import schemathesis  # noqa: E402
-from mlserver.grpc import dataplane_pb2_grpc  # noqa: E402
-from mlserver.grpc.converters import ModelInferRequestConverter  # noqa: E402
-from mlserver.types import InferenceRequest  # noqa: E402
-from schemathesis import GenerationMode  # noqa: E402
+import grpc
+import schemathesis
+from mlserver.grpc import dataplane_pb2_grpc
+from mlserver.grpc.converters import ModelInferRequestConverter
+from mlserver.types import InferenceRequest
+from schemathesis import GenerationMode
+
+pytestmark = pytest.mark.e2e  # the fuzzed requests go to served models (tests/service.py)
 
 VERSION = "1"  # each served directory gets a model-settings.json with this version: see `served_dir`
 INFER = ("POST", "/v2/models/{model_name}/infer")

@@ -19,8 +19,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conftest import REPO
+import pytest
+from helpers import REPO
 from service import START_TIMEOUT_S, start_service, stop, wait_ready
+
+pytestmark = pytest.mark.e2e  # the README's commands, `seldon-caffe serve` and curl
 
 DOWNLOAD = "curl -sLO https://raw.githubusercontent.com/BVLC/caffe/master/models/bvlc_googlenet/deploy.prototxt"
 SET_UP = ("git clone ", "make setup", ". .venv/bin/activate", "kill %1")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ZOO
+from helpers import ZOO
 from test_conformance import REL_TOL, relative_error
 
-from seldon_caffe import reference
+from caffe_oracle import reference
 from seldon_caffe.caffe import load_caffe_net
 from seldon_caffe.config import parse_config
 from seldon_caffe.runtimes import load_runtime
@@ -29,6 +29,7 @@ def weights(*args: object) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.reference
 @pytest.mark.skipif(reference.unavailable_reason() is not None, reason=f"{reference.unavailable_reason()}")
 def test_weights_load_in_real_caffe_and_answer_like_our_runtime(tmp_path: Path, zoo: Path) -> None:
     prototxt, out = zoo / "bvlc_googlenet.prototxt", tmp_path / "googlenet.caffemodel"
@@ -45,6 +46,7 @@ def test_weights_load_in_real_caffe_and_answer_like_our_runtime(tmp_path: Path, 
         assert relative_error(model.run({"data": x})["prob"], caffe["prob"]) <= REL_TOL
 
 
+@pytest.mark.slow
 def test_same_seed_same_file_and_user_files_kept(tmp_path: Path) -> None:
     prototxt = ZOO / "lenet.prototxt" if ZOO.is_dir() else Path(__file__).parents[1] / "examples/lenet/deploy.prototxt"
     first, second, other = tmp_path / "a.caffemodel", tmp_path / "b.caffemodel", tmp_path / "c.caffemodel"

@@ -5,6 +5,6 @@
 very functions the service runs, which is what keeps training and serving from drifting.
 """
 
-from .caffe_solver import Sparse, load_hooks, train, training_net
+from .caffe_solver import Sparse, load_hooks, load_script, train, training_net
 
-__all__ = ["Sparse", "load_hooks", "train", "training_net"]
+__all__ = ["Sparse", "load_hooks", "load_script", "train", "training_net"]

@@ -3,7 +3,7 @@
 
 Why real Caffe: the examples' weights should come from the engine the format belongs to,
 and every runtime is checked against it. Caffe 1.0 lives in a Python 3.9 root
-(`make caffe-env`), so, like `seldon_caffe/reference.py`, this file copies itself and the
+(`make caffe-env`), so, like `caffe_oracle/reference.py`, this file copies itself and the
 data (.npz) into the root's /tmp and runs its own bottom half there with `chroot`.
 
 The training net declares one Input layer per array (at the batch size); each step this
@@ -87,7 +87,10 @@ def train(
     fields (type, base_lr, lr_policy, weight_decay...). The net must have a blob "loss".
     Returns the mean training loss of every `log_every` iterations.
     """
-    from seldon_caffe.reference import chroot_env, default_root, unavailable_reason
+    clone = str(Path(__file__).resolve().parents[2])  # caffe_oracle/ lives at the clone's root
+    if clone not in sys.path:
+        sys.path.append(clone)
+    from caffe_oracle.reference import chroot_env, default_root, unavailable_reason
 
     root = default_root()
     reason = unavailable_reason(root)
@@ -170,10 +173,18 @@ def _input_layer(name: str, shape: Sequence[int]) -> str:
 
 def load_hooks(path: Path) -> Any:
     """Import a model directory's hooks.py as a module of its own (training uses its features)."""
-    spec = importlib.util.spec_from_file_location(f"_train_hooks_{path.parent.name}", path)
+    return load_script(path, f"_train_hooks_{path.parent.name}")
+
+
+def load_script(path: Path, name: str | None = None) -> Any:
+    """Import an example's script (examples are not packages) under a name of its own,
+    `example_<dir>_<stem>` unless given: every example has an evaluate.py."""
+    name = name or f"example_{path.parent.name}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # registered first: dataclasses look their module up while it runs
     spec.loader.exec_module(module)
     return module
 

@@ -106,7 +106,7 @@ def blob_array(blob: bytes | memoryview, what: str = "blob") -> np.ndarray:
                 if dim_number == _SHAPE_DIM:
                     dims.extend(_packed_varints(dim) if isinstance(dim, memoryview) else [_signed(dim)])
         elif number in _BLOB_LEGACY_DIMS and wire_type == VARINT:
-            legacy[number] = _signed(int(value))  # type: ignore[arg-type]
+            legacy[number] = _signed(int(value))
         elif number in chunks and isinstance(value, memoryview):
             chunks[number].append(np.frombuffer(value, dtype="<f4" if number == _BLOB_DATA else "<f8"))
     shape = tuple(legacy.get(n, 0) for n in _BLOB_LEGACY_DIMS) if legacy else tuple(dims)

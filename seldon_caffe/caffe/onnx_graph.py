@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -56,7 +57,7 @@ class GraphBuilder:
 
     def const(self, value: np.ndarray | float | Sequence[float], hint: str, dtype: type = np.float32) -> str:
         """An initializer holding `value`; identical arrays (shared Caffe params) are stored once."""
-        array = np.ascontiguousarray(np.asarray(value, dtype=dtype))
+        array: np.ndarray = np.ascontiguousarray(np.asarray(value, dtype=dtype))
         key = (array.dtype.str, array.shape, hashlib.sha1(array.tobytes()).hexdigest())
         if key not in self._consts:
             name = self.name(hint)
@@ -69,7 +70,7 @@ class GraphBuilder:
         return self.const(np.asarray(values, dtype=np.int64), hint, np.int64)
 
     def node(
-        self, op: str, inputs: Sequence[str], outputs: int | Sequence[str] = 1, *, hint: str, **attrs: object
+        self, op: str, inputs: Sequence[str], outputs: int | Sequence[str] = 1, *, hint: str, **attrs: Any
     ) -> list[str]:
         """Add one node; `outputs` is names, or a count of fresh names derived from `hint`."""
         if isinstance(outputs, int):
@@ -78,7 +79,7 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op, list(inputs), list(outputs), name=self.name(f"{hint}/{op}"), **attrs))
         return list(outputs)
 
-    def op(self, op: str, inputs: Sequence[str], output: str | None = None, *, hint: str, **attrs: object) -> str:
+    def op(self, op: str, inputs: Sequence[str], output: str | None = None, *, hint: str, **attrs: Any) -> str:
         """A one-output node; returns its output name."""
         return self.node(op, inputs, [output] if output else 1, hint=hint, **attrs)[0]
 
@@ -133,11 +134,11 @@ class LayerView:
         array = self.blobs[index] if shape is None else self.blobs[index].reshape(shape)
         return self.g.const(array, f"{self.name}/{role}")
 
-    def emit(self, op: str, inputs: Sequence[str], index: int = 0, **attrs: object) -> str:
+    def emit(self, op: str, inputs: Sequence[str], index: int = 0, **attrs: Any) -> str:
         """A node writing top `index` (the value users address by the Caffe name)."""
         return self.g.op(op, inputs, self.outputs[index], hint=self.name, **attrs)
 
-    def tmp(self, op: str, inputs: Sequence[str], **attrs: object) -> str:
+    def tmp(self, op: str, inputs: Sequence[str], **attrs: Any) -> str:
         """A helper node whose output only this layer uses."""
         return self.g.op(op, inputs, hint=self.name, **attrs)
 

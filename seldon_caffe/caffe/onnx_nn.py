@@ -10,6 +10,7 @@ deviation, not to the variance; within-channel LRN is Caffe's own pooling-and-po
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def pooling(v: LayerView) -> None:
         v.emit("GlobalMaxPool" if p.pool == _MAX else "GlobalAveragePool", [x])
         return
     end = [max(0, (o - 1) * s + k - n - b) for o, s, k, n, b in zip(out, stride, kernel, size, pad, strict=True)]
-    attrs = dict(kernel_shape=kernel, strides=stride, pads=pad + end)
+    attrs: dict[str, Any] = dict(kernel_shape=kernel, strides=stride, pads=pad + end)
     if p.pool == _MAX:
         if len(v.outputs) == 1:
             v.emit("MaxPool", [x], **attrs)

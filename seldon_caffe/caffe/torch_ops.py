@@ -307,8 +307,9 @@ def _pool(b: TorchBuilder, n: Node) -> Any:
 
 
 def _ceil_mode_matches(b: TorchBuilder, n: Node, kernel: Sequence[int], strides: Sequence[int]) -> bool:
-    sizes = b.shapes.get(n.inputs[0], [])[2:]
-    if len(sizes) != len(kernel) or not all(isinstance(s, int) for s in sizes):
+    dims = b.shapes.get(n.inputs[0], [])[2:]
+    sizes = [s for s in dims if isinstance(s, int)]
+    if len(sizes) != len(kernel) or len(sizes) != len(dims):
         return False
     pads = n.attrs["pads"]
     begin, end = pads[: len(kernel)], pads[len(kernel) :]

@@ -33,7 +33,7 @@ def register(sub: _Subparsers) -> None:
 SOURCES = ("caffe", "tensorflow", "torch", "tensorrt", "triton")
 
 
-def describe_values(values) -> str:  # noqa: ANN001 (repeated onnx.ValueInfoProto)
+def describe_values(values) -> str:  # repeated onnx.ValueInfoProto
     parts = []
     for value in values:
         dims = [

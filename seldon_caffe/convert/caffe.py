@@ -48,9 +48,9 @@ def _batch(text: str) -> int | None:
 
 
 def convert_caffe_command(args: argparse.Namespace) -> int:
-    from ..quantize import _require
+    from ..extras import require_modules
 
-    _require("onnx")
+    require_modules("onnx")
     from ..caffe.to_onnx import DEFAULT_OPSET, convert_files
     from ..paths import check_output_path
 
@@ -75,9 +75,9 @@ TORCH_SUFFIXES = (".pt2", ".pt")
 
 
 def _convert_to_torch(args: argparse.Namespace) -> str:
-    from ..quantize import _require
+    from ..extras import require_modules
 
-    _require("torch")
+    require_modules("torch")
     from ..caffe import load_caffe_net
     from ..caffe.to_onnx import caffe_to_onnx
     from ..caffe.to_torch import save_torch

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engines.description import ModelDescription
 from ..errors import SeldonCaffeError
-from .description import ModelDescription
 
 Arrays = dict[str, np.ndarray]
 DEFAULT_TOLERANCE = 1e-4

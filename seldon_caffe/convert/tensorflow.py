@@ -25,10 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import SeldonCaffeError
-from . import _Subparsers, add_tolerance, opset_type
-from .check import DEFAULT_TOLERANCE, OutputError, check_conversion, check_signature, format_errors
-from .description import (
+from ..engines.description import (
     ModelDescription,
     SignatureEntry,
     TensorDescription,
@@ -36,6 +33,9 @@ from .description import (
     load_description,
     unknown_node_name,
 )
+from ..errors import SeldonCaffeError
+from . import _Subparsers, add_tolerance, opset_type
+from .check import DEFAULT_TOLERANCE, OutputError, check_conversion, check_signature, format_errors
 
 DEFAULT_SIGNATURE = "serving_default"
 DEFAULT_TAG = "serve"
@@ -121,9 +121,9 @@ def saved_model_to_onnx(
     if not (saved_model / "saved_model.pb").is_file():
         raise SeldonCaffeError(f"{saved_model}: not a SavedModel directory (no saved_model.pb in it)")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter hides our report
-    from ..quantize import _require
+    from ..extras import require_modules
 
-    _require("tensorflow", "tf2onnx", "onnx", "onnxruntime")
+    require_modules("tensorflow", "tf2onnx", "onnx", "onnxruntime")
     from tf2onnx import convert
 
     graph = _FrozenSignature(saved_model, signature, tag, description)
@@ -148,7 +148,7 @@ class _FrozenSignature:
     def __init__(self, saved_model: Path, signature: str, tag: str, description: ModelDescription):
         from tf2onnx import tf_loader
 
-        from ..runtimes.tensorflow import signature_def_tensors
+        from ..engines.tensorflow import signature_def_tensors
 
         self.saved_model, self.signature, self.tags = saved_model, signature, tag.split(",")
         self.description = description
@@ -194,7 +194,7 @@ class _FrozenSignature:
         where = f"signature {self.signature!r} of {self.saved_model}"
         return unknown_node_name(self.description, kind, tensor, where, list(entries))
 
-    def reference(self, inputs: dict[str, TensorDescription], outputs: dict[str, TensorDescription]):  # noqa: ANN201
+    def reference(self, inputs: dict[str, TensorDescription], outputs: dict[str, TensorDescription]):
         """A function {input name: array} -> {output name: array} that runs TensorFlow.
 
         Signature outputs run through the SavedModel's own signature function, as TensorFlow

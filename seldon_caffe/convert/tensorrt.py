@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from ..engines.tensorrt import require_tensorrt, trt_logger
 from ..errors import SeldonCaffeError
 from ..paths import check_output_path
-from ..runtimes.tensorrt import require_tensorrt, trt_logger
 from . import _Subparsers
 
 Shape = tuple[int, ...]
@@ -131,9 +131,10 @@ class BuildRequest:
 
 def prepare(args: argparse.Namespace) -> BuildRequest:
     """Check the command and load what the build needs; SeldonCaffeError says what is wrong."""
-    from ..quantize import _require, load_samples, model_inputs
+    from ..extras import require_modules
+    from ..quantize import load_samples, model_inputs
 
-    _require("onnx")
+    require_modules("onnx")
     inputs = model_inputs(args.model)
     quantized = args.precision == "int8" and is_quantized(args.model)
     _check_precision_flags(args, quantized)
@@ -189,8 +190,8 @@ def resolve_batches(
     """The engine's batch range from the flags (None: not given). Defaults: min 1, max 32 (or
     the largest given), opt = max: TensorRT tunes kernels for opt, and full batches are what
     cost GPU time. A model with a fixed batch keeps it (None when its inputs disagree)."""
-    given = {"--min-batch": min_batch, "--opt-batch": opt_batch, "--max-batch": max_batch}
-    given = {flag: value for flag, value in given.items() if value is not None}
+    flags = {"--min-batch": min_batch, "--opt-batch": opt_batch, "--max-batch": max_batch}
+    given = {flag: value for flag, value in flags.items() if value is not None}
     if not any(shape and shape[0] == -1 for shape in inputs.values()):
         return _fixed_batch(inputs, given)
     high = max_batch if max_batch is not None else max(DEFAULT_MAX_BATCH, opt_batch or 1, min_batch or 1)
@@ -232,10 +233,11 @@ def optimization_profiles(
                 f"TensorRT needs its size: fix it in the ONNX model first, e.g. {_FIX_DIMS}"
             )
     batches = resolve_batches(inputs, min_batch, opt_batch, max_batch)
-    profiles = {}
+    profiles: dict[str, Profile] = {}
     for name, shape in inputs.items():
         if shape and shape[0] == -1 and batches is not None:
-            profiles[name] = tuple((size, *shape[1:]) for size in (batches.min, batches.opt, batches.max))
+            rest = shape[1:]
+            profiles[name] = ((batches.min, *rest), (batches.opt, *rest), (batches.max, *rest))
         else:
             profiles[name] = (shape, shape, shape)
     return profiles
@@ -360,7 +362,7 @@ def _set_precision(trt: ModuleType, config: Any, network: Any, request: BuildReq
     return calibrator
 
 
-def entropy_calibrator(trt: ModuleType, calibration: Calibration, dtypes: Mapping[str, np.dtype]) -> Any:
+def entropy_calibrator(trt: Any, calibration: Calibration, dtypes: Mapping[str, np.dtype]) -> Any:
     """A trt.IInt8EntropyCalibrator2 feeding `calibration`'s batches, made here because the base
     class exists only where TensorRT imports. TensorRT's Python API takes device pointers and
     allocates nothing, so the batches go to the GPU as torch CUDA tensors: torch is the CUDA
@@ -370,6 +372,7 @@ def entropy_calibrator(trt: ModuleType, calibration: Calibration, dtypes: Mappin
     except ImportError:
         raise SeldonCaffeError("int8 calibration copies batches to the GPU with torch: pip install torch") from None
 
+    # `trt` is Any, not ModuleType: tensorrt has no stubs, and a base class must be a type to mypy.
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
             super().__init__()

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 import time
-import warnings
-import zipfile
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from ..engines.description import ModelDescription, load_description
+from ..engines.torch import import_torch, load_saved, torch_file_kind
 from ..errors import SeldonCaffeError
 from . import _Subparsers, add_tolerance, opset_type
 from .check import (
@@ -39,7 +37,6 @@ from .check import (
     format_errors,
     random_inputs,
 )
-from .description import ModelDescription, load_description
 
 # One ONNX file holds at most 2 GB (a protobuf limit); bigger models keep their weights in a
 # .data file beside it. Smaller ones stay one self-contained file, easy to copy and mount.
@@ -89,47 +86,11 @@ def convert_torch_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def import_torch() -> ModuleType:
-    """`import torch`, keeping OpenAI Triton out of a process that has loaded TensorFlow.
-
-    PyPI's CUDA builds of torch bring the `triton` package, which torch imports lazily
-    (torch.export, its flop counter). Loaded after TensorFlow, triton's native library
-    crashes the process (segfault; seen with tensorflow-cpu 2.20 and triton 3.8, reproduced by
-    `import tensorflow, triton.knobs`). Seldon Core imports TensorFlow whenever it is
-    installed, so a served ExportedProgram would take the server down. Nothing here needs
-    triton (it compiles kernels for torch.compile), so in such a process `import triton` is
-    made to fail, which torch treats as triton not being installed.
-    """
-    if "tensorflow" in sys.modules and "triton" not in sys.modules:
-        sys.modules["triton"] = None  # type: ignore[assignment]  (import triton -> ImportError)
-        logging.getLogger(__name__).info("TensorFlow is loaded: triton is kept out of this process")
-    import torch
-
-    return torch
-
-
-def torch_file_kind(path: Path) -> str:
-    """'torchscript', 'exported_program' or 'pickle', from the archive's members."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (OSError, zipfile.BadZipFile) as exc:
-        detail = exc.strerror if isinstance(exc, OSError) else "not a zip archive"
-        raise SeldonCaffeError(f"{path}: not a PyTorch file ({detail or exc})") from None
-    if any(name.endswith("/constants.pkl") for name in names):
-        return "torchscript"
-    if any(name.endswith("/archive_format") for name in names):
-        return "exported_program"
-    if any(name.endswith("/data.pkl") for name in names):
-        return "pickle"
-    raise SeldonCaffeError(f"{path}: a zip archive, but not one torch wrote (TorchScript, .pt2 or torch.save)")
-
-
 def load_torch_model(path: Path, class_spec: str | None = None) -> Any:
     """The model in `path`, in eval mode: a ScriptModule, an ExportedProgram or an nn.Module."""
-    from ..quantize import _require
+    from ..extras import require_modules
 
-    _require("torch", "onnx", "onnxruntime")
+    require_modules("torch", "onnx", "onnxruntime")
     torch = import_torch()
 
     kind = torch_file_kind(path)
@@ -139,7 +100,7 @@ def load_torch_model(path: Path, class_spec: str | None = None) -> Any:
         return _module_with_state(path, class_spec)
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 (UnpicklingError and friends: not plain tensors, so a pickled module)
+    except Exception:  # UnpicklingError and friends: not plain tensors, so a pickled module
         print(f"seldon-caffe: warning: {PICKLE_WARNING.format(path=path)}", file=sys.stderr)
         loaded = torch.load(str(path), map_location="cpu", weights_only=False)
     if isinstance(loaded, dict):
@@ -149,25 +110,13 @@ def load_torch_model(path: Path, class_spec: str | None = None) -> Any:
     return loaded.eval()
 
 
-def load_saved(path: Path, kind: str, map_location: Any = "cpu") -> Any:
-    """A TorchScript archive (its ScriptModule, in eval mode) or an ExportedProgram, as saved;
-    `kind` is torch_file_kind's. Shared by `convert torch` and the torch runtime."""
-    torch = import_torch()
-    with warnings.catch_warnings():  # torch.jit.* warns that it is deprecated, at every call
-        warnings.simplefilter("ignore", FutureWarning)
-        if kind == "torchscript":
-            return torch.jit.load(str(path), map_location=map_location).eval()
-        with open(path, "rb") as file:  # a file object: by name, torch.export.load insists on ".pt2"
-            return torch.export.load(file)
-
-
 def _module_with_state(path: Path, class_spec: str) -> Any:
     import torch
 
     factory = import_object(class_spec, search=path.parent)
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise SeldonCaffeError(f"{path}: not a state_dict that loads without unpickling code ({exc})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a training checkpoint that wraps the weights
@@ -234,7 +183,7 @@ def torch_to_onnx(
                 external_data=_weight_bytes(model) >= PROTOBUF_LIMIT,
                 **names,
             )
-    except Exception as exc:  # noqa: BLE001 (the exporters raise many types; the message is what helps)
+    except Exception as exc:  # the exporters raise many types; the message is what helps
         raise SeldonCaffeError(f"torch.onnx could not export the model: {type(exc).__name__}: {exc}") from None
     check_signature(output, description)
     return check_conversion(output, description, _reference(model, description), "PyTorch", tolerance)
@@ -277,7 +226,7 @@ def _axis_name(tensor: str, axis: int, description: ModelDescription) -> str:
     return "batch" if axis == 0 and description.batch_size else f"{tensor}_{axis}"
 
 
-def _reference(model: Any, description: ModelDescription):  # noqa: ANN202
+def _reference(model: Any, description: ModelDescription):
     """{input name: array} -> {output name: array} through PyTorch itself."""
     import torch
 

@@ -22,11 +22,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..engines.description import ModelDescription, TensorDescription, load_description
 from ..errors import SeldonCaffeError
 from ..paths import check_output_dir
 from . import _Subparsers, add_tolerance, opset_type
 from .check import check_signature, format_errors
-from .description import ModelDescription, TensorDescription, load_description
 from .torch import add_class_option
 
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "plan": ("tensorrt_plan", "model.plan")}

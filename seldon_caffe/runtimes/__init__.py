@@ -2,29 +2,38 @@
 
 Modules are imported only when chosen, so a missing optional engine (openvino, torch...)
 costs nothing until a model.yaml asks for it, and then fails with an install hint.
+
+Which runtimes there are is the registry's (registry.py): each runtime declares its
+formats, whether `auto` may choose it, its install hint and its options class (options.py),
+without importing its engine; the built-ins do in builtin.py, other packages through the
+`seldon_caffe.runtimes` entry point group. REGISTRY maps a name to that declaration.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from ..config import ModelConfig
 from ..errors import ModelLoadError
 from .base import Runtime, TensorSpec
+from .options import Options
+from .registry import REGISTRY, RuntimeSpec, check_option_keys, declaration, default_runtime, register_runtime
 
-# runtime name -> (module, class, pip extra that installs its engine)
-REGISTRY: dict[str, tuple[str, str, str]] = {
-    "opencv": ("opencv", "OpenCVRuntime", "opencv-python-headless"),
-    "pycaffe": ("pycaffe", "PycaffeRuntime", "caffe (Debian python3-caffe or conda)"),
-    "onnxruntime": ("onnxruntime", "OnnxRuntime", "seldon-caffe[onnx]"),
-    "openvino": ("openvino", "OpenVinoRuntime", "seldon-caffe[openvino]"),
-    "tensorflow": ("tensorflow", "TensorFlowRuntime", "seldon-caffe[tensorflow]"),
-    "torch": ("torch", "TorchRuntime", "seldon-caffe[torch]"),
-    "tensorrt": ("tensorrt", "TensorRTRuntime", "tensorrt (NVIDIA)"),
-}
+if TYPE_CHECKING:  # not imported at run time: config.py imports the registry from here
+    from ..config import ModelConfig
 
-__all__ = ["Runtime", "TensorSpec", "load_runtime", "resolve_runtime", "REGISTRY"]
+__all__ = [
+    "REGISTRY",
+    "Options",
+    "Runtime",
+    "RuntimeSpec",
+    "TensorSpec",
+    "load_runtime",
+    "register_runtime",
+    "resolve_runtime",
+    "runtime_class",
+]
 
 
 def resolve_runtime(config: ModelConfig) -> str:
@@ -36,25 +45,37 @@ def resolve_runtime(config: ModelConfig) -> str:
             return "pycaffe"
         if config.options.get("pycaffe_command"):
             return "pycaffe"
-        return "opencv"
-    return {"onnx": "onnxruntime", "tensorflow": "tensorflow", "torch": "torch", "tensorrt": "tensorrt"}[config.format]
+        from .auto import resolve as resolve_auto  # the measured choice (runtimes/auto.py)
+
+        return resolve_auto(config)
+    return default_runtime(config.format)  # every other format has one runtime `auto` means
 
 
 def runtime_class(name: str) -> type[Runtime]:
-    module_name, class_name, install = REGISTRY[name]
+    """The class of runtime `name`, importing its module (and engine) now."""
+    declared = declaration(name)
     try:
-        module = importlib.import_module(f"{__name__}.{module_name}")
+        return declared.load_class()
     except ImportError as exc:
-        raise ModelLoadError(f"runtime {name!r} is not available: {exc} (install {install})") from None
-    return getattr(module, class_name)
+        raise ModelLoadError(f"runtime {name!r} is not available: {exc} (install {declared.install})") from None
 
 
 def load_runtime(config: ModelConfig) -> Runtime:
     """Load the model of `config` with the runtime it names (or `auto` resolves to)."""
+    check_option_keys(config)  # a misspelt option stops start-up before any engine loads
     name = resolve_runtime(config)
+    if config.runtime == "auto" and config.format == "caffe" and name != "pycaffe":
+        from .auto import load_fastest
+
+        return load_fastest(config, _load_named)
+    return _load_named(config, name)
+
+
+def _load_named(config: ModelConfig, name: str) -> Runtime:
+    options = declaration(name).options.from_config(config)  # checked before the engine is imported
     runtime = runtime_class(name)(config)
     _apply_signature_overrides(runtime, config)
-    runtime.allow_non_finite = bool(config.options.get("allow_non_finite", False))
+    runtime.allow_non_finite = options.allow_non_finite
     return runtime
 
 

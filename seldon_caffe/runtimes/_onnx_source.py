@@ -14,14 +14,15 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import ModelConfig
 from ..errors import ConfigError, ModelLoadError
+from ..paths import cache_dir
 from .base import TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -83,10 +84,10 @@ def converted_caffe_model(config: ModelConfig) -> Path:
     for role in ("prototxt", "weights"):
         digest.update(f"{role}\n".encode())
         with open(config.files[role], "rb") as handle:
-            for chunk in iter(lambda h=handle: h.read(1 << 20), b""):
+            for chunk in iter(functools.partial(handle.read, 1 << 20), b""):
                 digest.update(chunk)
     name = f"{digest.hexdigest()}.onnx"
-    directories = [config.model_dir / CACHE_SUBDIR, user_cache_dir()]
+    directories = [config.model_dir / CACHE_SUBDIR, cache_dir("onnx")]
     for directory in directories:
         if (directory / name).is_file():
             logger.debug("using the cached ONNX conversion %s", directory / name)
@@ -102,18 +103,12 @@ def converted_caffe_model(config: ModelConfig) -> Path:
     )
 
 
-def user_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/seldon-caffe/onnx (default ~/.cache/seldon-caffe/onnx)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "seldon-caffe" / "onnx"
-
-
 def _convert(config: ModelConfig, target: Path) -> Path:
     from ..caffe.io import CaffeFormatError
     from ..caffe.to_onnx import convert_files
 
     prototxt, weights = config.files["prototxt"], config.files["weights"]
-    logger.info("converting %s + %s to ONNX at %s", prototxt.name, weights.name, target)
+    logger.debug("converting %s + %s to ONNX at %s", prototxt.name, weights.name, target)
     try:
         convert_files(prototxt, weights, target, progress=False)
     except CaffeFormatError as exc:

@@ -11,11 +11,14 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import BadRequest, Unsupported
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 Arrays = dict[str, np.ndarray]
 
@@ -49,6 +52,11 @@ class Runtime(abc.ABC):
     # A runtime that moves inputs to a GPU checks them there instead (check_finite on the host
     # costs a pass over the input, as much as the copy itself; on the GPU, microseconds).
     checks_finite_on_device: bool = False
+
+    if TYPE_CHECKING:
+        # The constructor every runtime has: the registry builds it from the model's config
+        # (runtimes.load_runtime). Declared for the type checker only: a subclass defines it.
+        def __init__(self, config: ModelConfig) -> None: ...
 
     def run(self, inputs: np.ndarray | Mapping[str, Any], outputs: Sequence[str] | None = None) -> Arrays:
         """Run the model: `inputs` is one array (single-input model) or {name: array}.

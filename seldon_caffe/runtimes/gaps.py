@@ -6,6 +6,9 @@ tests/test_conformance.py: when a runtime learns the layer, that test fails unti
 entry goes, so the table cannot go stale. `seldon-caffe inspect` reports `find_gaps` for
 the net and runtime it would serve, so users hear about a gap before they deploy.
 
+A runtime added by another package (runtimes/registry.py) declares its own gaps, as
+`register_runtime(..., gaps={layer type: reason})`; a runtime with none has no known gap.
+
 Some gaps depend on the layer's parameters (OpenCV's LRN ignores `k`, but AlexNet's LRN
 uses k = 1 and is served exactly): `_APPLIES` narrows those, so a net is only flagged
 when its layers actually hit the gap.
@@ -60,7 +63,10 @@ def find_gaps(runtime: str, layers: Any) -> list[tuple[str, str, str]]:
 
     `layers` are LayerParameter messages (e.g. `CaffeNet.definition.layer`, upgraded).
     """
-    gaps = KNOWN_GAPS.get(runtime, {})
+    from .registry import REGISTRY
+
+    declared = REGISTRY[runtime].gaps if runtime in REGISTRY else {}  # another package's runtime's own
+    gaps = {**declared, **KNOWN_GAPS.get(runtime, {})}
     found = []
     for layer in layers:
         reason = gaps.get(layer.type)

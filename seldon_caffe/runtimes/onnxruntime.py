@@ -26,8 +26,11 @@ import onnxruntime as ort
 
 from ..config import ModelConfig
 from ..errors import ConfigError, ModelLoadError
-from ._onnx_source import onnx_model_path, tensor_spec, user_cache_dir
+from ..paths import cache_dir
+from ._onnx_source import onnx_model_path, tensor_spec
 from .base import Arrays, Runtime
+from .builtin import OnnxRuntimeOptions
+from .options import cuda_index
 
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -70,57 +73,47 @@ class OnnxRuntime(Runtime):
 
 
 def session_options(config: ModelConfig) -> ort.SessionOptions:
+    asked = OnnxRuntimeOptions.from_config(config)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = int(config.options["threads"])
+    options.intra_op_num_threads = asked.threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    level = config.options.get("graph_optimization", "all")
-    if level not in OPTIMIZATION:
-        raise ConfigError(
-            f"{config.source}: field 'options.graph_optimization': {level!r}; allowed: {', '.join(OPTIMIZATION)}"
-        )
-    options.graph_optimization_level = OPTIMIZATION[level]
+    options.graph_optimization_level = OPTIMIZATION[asked.graph_optimization]
     return options
 
 
 def choose_providers(config: ModelConfig) -> list[tuple[str, dict[str, Any]]]:
     """(provider, its options) in the order to try, per the module docstring."""
+    options = OnnxRuntimeOptions.from_config(config)  # bf16 is refused there (the openvino runtime's)
     available = ort.get_available_providers()
-    device = str(config.options["device"])
-    device_id = int(device.partition(":")[2] or 0)
-    asked = config.options.get("providers")
-    if asked is None:
+    device_id = cuda_index(options.device) or 0
+    if options.providers is None:
         names = [PROVIDERS[p] for p in DEFAULT_ORDER if PROVIDERS[p] in available]
-        if device == "cpu":
+        if not options.on_cuda:
             names = [n for n in names if n not in GPU_PROVIDERS]
     else:
-        if isinstance(asked, str) or not isinstance(asked, list) or not asked:
-            raise ConfigError(f"{config.source}: field 'options.providers': expected a list, e.g. [cuda, cpu]")
-        names = [PROVIDERS.get(str(p).lower(), str(p)) for p in asked]
+        names = [PROVIDERS.get(p.lower(), p) for p in options.providers]
         missing = [n for n in names if n not in available]
         if missing:
             raise ConfigError(
                 f"{config.source}: field 'options.providers': {missing[0]} is not in this onnxruntime build; "
                 f"it has {', '.join(available)}"
             )
-    precision = config.options["precision"]
-    if precision == "fp16" and PROVIDERS["tensorrt"] not in names:
+    if options.precision == "fp16" and PROVIDERS["tensorrt"] not in names:
         raise ConfigError(
             f"{config.source}: field 'options.precision': fp16 runs on onnxruntime's TensorRT provider, "
             f"which is not in use here (providers: {', '.join(names)}); use fp32, or the openvino runtime"
         )
-    if precision == "bf16":
-        raise ConfigError(f"{config.source}: field 'options.precision': bf16 is served by the openvino runtime")
-    return [(name, _provider_options(name, config, device_id)) for name in names]
+    return [(name, _provider_options(name, options, device_id)) for name in names]
 
 
-def _provider_options(name: str, config: ModelConfig, device_id: int) -> dict[str, Any]:
+def _provider_options(name: str, options: OnnxRuntimeOptions, device_id: int) -> dict[str, Any]:
     if name == PROVIDERS["tensorrt"]:
         # Building a TensorRT engine takes minutes: keep it beside the ONNX conversions.
-        cache = user_cache_dir().parent / "tensorrt"
+        cache = cache_dir("tensorrt")
         return {
             "device_id": device_id,
-            "trt_fp16_enable": config.options["precision"] == "fp16",
+            "trt_fp16_enable": options.precision == "fp16",
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(cache),
         }

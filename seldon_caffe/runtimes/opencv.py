@@ -17,8 +17,9 @@ import numpy as np
 
 from ..caffe import CaffeNet, load_caffe_net
 from ..config import ModelConfig
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, first_line
 from .base import Arrays, Runtime, TensorSpec
+from .builtin import OpenCVOptions
 from .gaps import find_gaps
 
 
@@ -27,7 +28,7 @@ class OpenCVRuntime(Runtime):
 
     def __init__(self, config: ModelConfig):
         self.caffe: CaffeNet = load_caffe_net(config.files["prototxt"], config.files["weights"])
-        cv2.setNumThreads(int(config.options["threads"]))
+        cv2.setNumThreads(OpenCVOptions.from_config(config).threads)
         self._lock = threading.Lock()  # a cv2.dnn.Net is not safe to share between threads
         self._writers = _last_writers(self.caffe)
         self.native = self._build()
@@ -108,5 +109,4 @@ def _spec(name: str, shape: tuple[int, ...], batch_dims: set[int]) -> TensorSpec
 
 
 def _cv_message(exc: cv2.error) -> str:
-    text = str(exc).strip().splitlines()
-    return text[-1] if text else repr(exc)
+    return first_line(exc, last=True) or repr(exc)  # OpenCV puts what went wrong last

@@ -32,13 +32,13 @@ from typing import Any
 import openvino as ov
 
 from ..config import ModelConfig
-from ..errors import ConfigError, ModelLoadError
+from ..errors import ModelLoadError, first_line
 from ._onnx_source import onnx_model_path, tensor_spec
 from .base import Arrays, Runtime
+from .builtin import OpenVinoOptions
 
 logger = logging.getLogger(__name__)
 
-HINTS = ("LATENCY", "THROUGHPUT")
 PRECISION_HINT = {"fp32": "f32", "int8": "f32", "bf16": "bf16", "fp16": "f16"}
 
 
@@ -46,15 +46,14 @@ class OpenVinoRuntime(Runtime):
     name = "openvino"
 
     def __init__(self, config: ModelConfig):
-        if config.options["device"] != "cpu":
-            raise ConfigError(f"{config.source}: field 'options.device': the openvino runtime runs on cpu")
+        self.options = OpenVinoOptions.from_config(config)  # device cpu only: checked there
         self.path = onnx_model_path(config, self.name)
         self.properties = compile_properties(config)
         core = ov.Core()
         try:
             self.native = core.compile_model(core.read_model(str(self.path)), "CPU", self.properties)
         except RuntimeError as exc:
-            raise ModelLoadError(f"OpenVINO cannot compile {self.path}: {str(exc).strip().splitlines()[0]}") from None
+            raise ModelLoadError(f"OpenVINO cannot compile {self.path}: {first_line(exc)}") from None
         # What the plugin really runs in: bf16 / f16 fall back to f32 on a CPU without those units.
         self.inference_precision = self.native.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         asked = self.properties["INFERENCE_PRECISION_HINT"]
@@ -88,17 +87,12 @@ class OpenVinoRuntime(Runtime):
 
 def compile_properties(config: ModelConfig) -> dict[str, Any]:
     """The CPU plugin's properties for `config` (see the module docstring)."""
-    hint = str(config.options.get("performance_hint", "LATENCY")).upper()
-    if hint not in HINTS:
-        raise ConfigError(f"{config.source}: field 'options.performance_hint': {hint!r}; allowed: {', '.join(HINTS)}")
-    pinning = config.options.get("cpu_pinning", False)
-    if not isinstance(pinning, bool):
-        raise ConfigError(f"{config.source}: field 'options.cpu_pinning': expected true or false, got {pinning!r}")
+    options = OpenVinoOptions.from_config(config)
     return {
-        "INFERENCE_NUM_THREADS": int(config.options["threads"]),
-        "PERFORMANCE_HINT": hint,
-        "INFERENCE_PRECISION_HINT": PRECISION_HINT[config.options["precision"]],
-        "ENABLE_CPU_PINNING": pinning,
+        "INFERENCE_NUM_THREADS": options.threads,
+        "PERFORMANCE_HINT": options.performance_hint,
+        "INFERENCE_PRECISION_HINT": PRECISION_HINT[options.precision],
+        "ENABLE_CPU_PINNING": options.cpu_pinning,
     }
 
 

@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ModelConfig, OptionReader
+from ..config import ModelConfig
 from ..errors import BadRequest, ModelLoadError, SeldonCaffeError
 from . import pycaffe_worker as wire
 from .base import Arrays, Runtime, TensorSpec
-from .pycaffe_process import DEFAULT_TIMEOUT_S, WorkerProcess
+from .builtin import PycaffeOptions
+from .pycaffe_process import WorkerProcess
 
 
 class PycaffeRuntime(Runtime):
@@ -29,16 +30,19 @@ class PycaffeRuntime(Runtime):
         prototxt = config.files["prototxt"].read_bytes()
         weights = config.files["weights"].read_bytes()
         # checked in either mode: a typo should not wait for a worker to show
-        timeout_s = OptionReader(config).seconds("timeout_s", DEFAULT_TIMEOUT_S)
+        options = PycaffeOptions.from_config(config)
         caffe, why = _import_caffe()
-        command = config.options.get("pycaffe_command")
         if caffe is not None:
             self._backend: InProcess | WorkerProcess = InProcess(caffe, prototxt, weights)
-        elif command:
-            threads = int(config.options.get("threads") or 1)
-            spare = OptionReader(config).flag("spare_worker", True)
+        elif options.pycaffe_command:
             self._backend = WorkerProcess(
-                list(command), prototxt, weights, threads, label=config.name, timeout_s=timeout_s, spare=spare
+                list(options.pycaffe_command),
+                prototxt,
+                weights,
+                options.threads,
+                label=config.name,
+                timeout_s=options.timeout_s,
+                spare=options.spare_worker,
             )
         else:
             raise ModelLoadError(
@@ -89,17 +93,19 @@ class InProcess:
     """
 
     def __init__(self, caffe: Any, prototxt: bytes, weights: bytes):
+        self._handler: wire.NetHandler | None
         try:
-            self._handler = wire.NetHandler(caffe, prototxt, weights)
+            self._handler = handler = wire.NetHandler(caffe, prototxt, weights)
         except Exception as exc:  # a prototxt that does not parse, a file Caffe's reader rejects
             raise ModelLoadError(f"pycaffe cannot load the net: {type(exc).__name__}: {exc}") from None
         self._lock = threading.Lock()  # one caffe.Net: its blobs are shared state
-        self.info = self._handler.describe()
-        self.native = self._handler.net
+        self.info = handler.describe()
+        self.native = handler.net
 
     def request(self, header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
         with self._lock:
             try:
+                assert self._handler is not None, "the net is closed"  # close() drops it
                 reply, results = self._handler.handle(header, list(arrays))
             except wire.RequestError as exc:
                 raise BadRequest(f"pycaffe ({header['op']}): {exc}") from None

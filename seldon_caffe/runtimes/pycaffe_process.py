@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadRequest, DeadlineExceeded, ModelLoadError, ModelUnavailable, SeldonCaffeError
+from ..threads import blas_thread_env
 from . import pycaffe_worker as wire
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,6 @@ DEFAULT_TIMEOUT_S = 60.0  # options.timeout_s: one exchange with the worker (a r
 START_TIMEOUT_S = 120.0
 BACKOFF_FIRST_S = 0.5  # between failed starts: doubled each time, up to BACKOFF_MAX_S
 BACKOFF_MAX_S = 30.0
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _LIVE_WORKERS: weakref.WeakSet[WorkerProcess] = weakref.WeakSet()
 
 
@@ -245,7 +245,8 @@ class WorkerProcess:
         for proc in (self._proc, self._spare):
             for stream in (proc.stdin, proc.stdout, proc.stderr) if proc else ():
                 with contextlib.suppress(OSError):
-                    stream.close()  # our copies only: the parent keeps its workers
+                    if stream is not None:  # _spawn pipes all three
+                        stream.close()  # our copies only: the parent keeps its workers
         self._proc, self._spare, self._owner = None, None, os.getpid()
         # The parent's threads did not come along: a watchdog and a restarter of our own.
         self._watchdog, self._restarting = _Watchdog(), False
@@ -331,6 +332,7 @@ class WorkerProcess:
                 return
 
     def _log_stderr(self, proc: subprocess.Popen) -> None:
+        assert proc.stderr is not None  # _spawn pipes it
         for raw in proc.stderr:
             line = raw.decode("utf-8", "replace").rstrip()
             self._stderr_tail.append(line)
@@ -399,7 +401,7 @@ def _last_words(lines: list[str]) -> str:
 def caffe_env(threads: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment real Caffe runs in, whoever starts it: the pycaffe worker (`base`
     None: this process's environment, which a conda or chroot command may need) and the
-    reference oracle (`reference.chroot_env`: a clean `base`). One rule for both.
+    reference oracle (`caffe_oracle.reference.chroot_env`: a clean `base`). One rule for both.
 
     OPENBLAS_* always come from this process's environment: OPENBLAS_CORETYPE and
     OPENBLAS_L2_SIZE pick OpenBLAS's kernels and blocking, which change a result's last
@@ -410,8 +412,7 @@ def caffe_env(threads: int, base: Mapping[str, str] | None = None) -> dict[str, 
     env.update((name, value) for name, value in os.environ.items() if name.startswith("OPENBLAS_"))
     env.setdefault("GLOG_minloglevel", "2")  # glog's INFO lines (a screen per net load) off
     env.setdefault("GLOG_logtostderr", "1")  # and no log files left inside the chroot
-    for name in THREAD_VARIABLES:
-        env[name] = str(threads)
+    env.update(blas_thread_env(threads))
     return env
 
 
@@ -426,7 +427,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
         proc.wait(timeout=CLOSE_TIMEOUT_S)
     for stream in (proc.stdin, proc.stdout):
         with contextlib.suppress(OSError):
-            stream.close()
+            if stream is not None:  # _spawn pipes both
+                stream.close()
 
 
 @atexit.register

@@ -22,20 +22,17 @@ does under onnxruntime, and hooks keyed on names survive a change of runtime.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from ..config import DEFAULT_OPTIONS, ModelConfig, OptionReader
-from ..convert.description import FILE_NAME as DESCRIPTION_FILE
-from ..convert.description import (
+from ..config import ModelConfig
+from ..engines.description import FILE_NAME as DESCRIPTION_FILE
+from ..engines.description import (
     ModelDescription,
     SignatureEntry,
     TensorDescription,
@@ -43,29 +40,13 @@ from ..convert.description import (
     load_description,
     unknown_node_name,
 )
-from ..errors import BadRequest, ConfigError, ModelLoadError
+from ..engines.tensorflow import signature_def_tensors
+from ..errors import BadRequest, ConfigError, ModelLoadError, first_line
 from .base import Arrays, Runtime, TensorSpec
+from .builtin import ONEDNN_ENV, TensorFlowOptions
+from .options import cuda_index
 
 logger = logging.getLogger(__name__)
-
-# The options this runtime reads from model.yaml, besides the shared threads/device/precision.
-# The options mapping is shared by every runtime, so keys not listed here are left alone.
-OPTION_KEYS = (
-    "signature",
-    "tags",
-    "intra_op",
-    "inter_op",
-    "onednn",
-    "omp_num_threads",
-    "kmp_blocktime",
-    "kmp_affinity",
-    "kmp_settings",
-)
-ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
-DEFAULT_SIGNATURE = "serving_default"
-# Each request is one graph run; a single inter-op thread keeps oneDNN's intra-op pool fed
-# without two ops fighting for the same cores (docs/benchmarks.md, "TensorFlow on CPU").
-DEFAULT_INTER_OP = 1
 
 # The process in which this module started TensorFlow's runtime (its thread pools). A process
 # forked after that inherits TensorFlow's state but none of its threads, and its first run
@@ -74,99 +55,10 @@ DEFAULT_INTER_OP = 1
 _started_in: int | None = None
 
 
-@dataclass(frozen=True)
-class TensorFlowOptions:
-    """The tensorflow runtime's view of model.yaml `options`, validated and with defaults."""
-
-    signature: str = DEFAULT_SIGNATURE
-    tags: tuple[str, ...] | None = None
-    intra_op: int = 2
-    inter_op: int = DEFAULT_INTER_OP
-    onednn: bool | str = True  # or "auto": TensorFlow's own choice for the CPU
-    omp_num_threads: int | None = None
-    kmp_blocktime: int | None = None
-    kmp_affinity: str | None = None
-    kmp_settings: bool | None = None
-    device: str = "cpu"
-
-    @classmethod
-    def from_config(cls, config: ModelConfig) -> TensorFlowOptions:
-        """Validate the tensorflow keys of `config.options`; ConfigError names the bad field."""
-        options = config.options
-        read = OptionReader(config)
-        problem, count, flag = read.problem, read.count, read.flag
-
-        signature = options.get("signature") or DEFAULT_SIGNATURE
-        if not isinstance(signature, str):
-            raise problem("signature", f"{signature!r} is not a signature name (e.g. {DEFAULT_SIGNATURE})")
-        tags = options.get("tags")
-        if isinstance(tags, str):
-            tags = [tags]
-        if tags is not None and not (isinstance(tags, list) and tags and all(isinstance(t, str) for t in tags)):
-            raise problem("tags", f"{tags!r} is not a list of SavedModel tags (e.g. [serve])")
-        affinity = options.get("kmp_affinity")
-        if affinity is not None and not (isinstance(affinity, str) and affinity):
-            raise problem(
-                "kmp_affinity", f"{affinity!r} is not a KMP_AFFINITY string (e.g. granularity=fine,compact,1,0)"
-            )
-        if config.options.get("precision", "fp32") != "fp32":
-            raise problem(
-                "precision",
-                f"{config.options['precision']!r}: the tensorflow runtime runs the SavedModel's own dtypes; "
-                "allowed: fp32 (export a reduced-precision model, or serve its ONNX form with openvino)",
-            )
-        _warn_near_misses(options)
-        return cls(
-            signature=signature,
-            tags=tuple(tags) if tags else None,
-            intra_op=count("intra_op", options.get("threads", DEFAULT_OPTIONS["threads"]), 0),
-            inter_op=count("inter_op", DEFAULT_INTER_OP, 0),
-            onednn=_onednn(options.get("onednn"), problem),
-            omp_num_threads=count("omp_num_threads", None, 1),
-            kmp_blocktime=count("kmp_blocktime", None, 0),
-            kmp_affinity=affinity,
-            kmp_settings=flag("kmp_settings", None),
-            device=config.options.get("device", "cpu"),
-        )
-
-    def environment(self) -> dict[str, str]:
-        """The variables that must be in os.environ before TensorFlow (and OpenMP) load."""
-        env = {} if self.onednn == "auto" else {ONEDNN_ENV: "1" if self.onednn else "0"}
-        if self.omp_num_threads is not None:
-            env["OMP_NUM_THREADS"] = str(self.omp_num_threads)
-        if self.kmp_blocktime is not None:
-            env["KMP_BLOCKTIME"] = str(self.kmp_blocktime)
-        if self.kmp_affinity is not None:
-            env["KMP_AFFINITY"] = self.kmp_affinity
-        if self.kmp_settings is not None:
-            env["KMP_SETTINGS"] = "1" if self.kmp_settings else "0"
-        return env
-
-
-def _onednn(value: Any, problem: Callable[[str, str], ConfigError]) -> bool | str:
-    # auto leaves TF_ENABLE_ONEDNN_OPTS alone: TensorFlow then turns oneDNN on only on CPUs
-    # with AVX-512 VNNI/BF16 or AMX, which is where it measured faster (docs/tensorflow.md).
-    if value is None:
-        return True
-    if isinstance(value, bool) or value == "auto":
-        return value
-    raise problem("onednn", f"{value!r} is not true, false or auto")
-
-
 def _onednn_state(asked: bool | str) -> str:
-    state = {True: "on", False: "off"}.get(onednn_enabled(), "unknown")
+    enabled = onednn_enabled()
+    state = "unknown" if enabled is None else "on" if enabled else "off"
     return f"{state} (auto)" if asked == "auto" else state
-
-
-def _warn_near_misses(options: Mapping[str, Any]) -> None:
-    # Other runtimes' keys share the mapping, so an unknown key is not an error; one that
-    # looks like a misspelt tensorflow key (intra_ops, kmp_block_time) is worth a warning.
-    known = set(OPTION_KEYS) | set(DEFAULT_OPTIONS)
-    for key in options:
-        if key not in known:
-            close = difflib.get_close_matches(key, OPTION_KEYS, n=1, cutoff=0.8)
-            if close:
-                logger.warning("model.yaml options.%s is not a tensorflow option; did you mean %s?", key, close[0])
 
 
 def import_tensorflow(options: TensorFlowOptions) -> Any:
@@ -251,7 +143,8 @@ class TensorFlowRuntime(Runtime):
         try:
             self.native = tf.saved_model.load(str(path), tags=list(self.options.tags) if self.options.tags else None)
         except Exception as exc:  # TF raises OSError, ValueError, RuntimeError... for a bad directory
-            raise ModelLoadError(f"{path}: not a loadable SavedModel: {_first_line(exc)}") from None
+            why = first_line(exc) or type(exc).__name__
+            raise ModelLoadError(f"{path}: not a loadable SavedModel: {why}") from None
         finally:
             _started_in = _started_in or os.getpid()  # loading (even failing) starts the runtime
         signatures = dict(self.native.signatures)
@@ -325,7 +218,8 @@ class TensorFlowRuntime(Runtime):
             with tf.device(self._device):
                 result = self.function(**{self._input_keys[name]: tf.constant(value) for name, value in feed.items()})
         except tf.errors.InvalidArgumentError as exc:  # e.g. a reshape the input cannot take
-            raise BadRequest(f"the model rejected the input: {_first_line(exc)}; expected {self.signature()}") from None
+            why = first_line(exc) or type(exc).__name__
+            raise BadRequest(f"the model rejected the input: {why}; expected {self.signature()}") from None
         return {name: result[self._output_keys[name]].numpy() for name in outputs}
 
     # -- weights: the SavedModel's variables, grouped by Keras layer name ------------------
@@ -365,30 +259,6 @@ class TensorFlowRuntime(Runtime):
         self.function = None
         self.native = None
         self._variables = []
-
-
-def signature_def_tensors(
-    saved_model: str | Path, signature: str, tags: Sequence[str] | None
-) -> tuple[dict[str, str], dict[str, str]]:
-    """The SignatureDef's {key: graph tensor} for inputs and outputs, the names `saved_model_cli
-    show` prints (`serving_default_image:0`, `StatefulPartitionedCall_1:0`).
-
-    A loaded signature function no longer knows them (its tensors are renamed), so they are read
-    from saved_model.pb; TensorFlow must already be imported. Empty when there is none to read
-    (a text saved_model.pbtxt): the keys alone still match."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    path = Path(saved_model) / "saved_model.pb"
-    if not path.is_file():
-        return {}, {}
-    proto = saved_model_pb2.SavedModel.FromString(path.read_bytes())
-    for meta_graph in proto.meta_graphs:
-        if tags and set(meta_graph.meta_info_def.tags) != set(tags):
-            continue
-        if signature in meta_graph.signature_def:
-            found = meta_graph.signature_def[signature]
-            return {k: v.name for k, v in found.inputs.items()}, {k: v.name for k, v in found.outputs.items()}
-    return {}, {}
 
 
 def _described_keys(
@@ -435,7 +305,7 @@ def _spec(name: str, tf_spec: Any, overrides: list[dict[str, Any]] | None, is_in
 def _device_name(tf: Any, device: str) -> str:
     if device == "cpu":
         return "/CPU:0"
-    index = int(device.partition(":")[2] or 0)
+    index = cuda_index(device) or 0
     gpus = tf.config.list_physical_devices("GPU")
     if index >= len(gpus):
         raise ModelLoadError(
@@ -448,8 +318,3 @@ def _device_name(tf: Any, device: str) -> str:
 def _as_strings(value: Any) -> Any:
     array = np.asarray(value)
     return array.astype(object) if array.dtype.kind in "US" else array
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:500]

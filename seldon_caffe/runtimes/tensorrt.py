@@ -30,7 +30,6 @@ concurrency on one GPU, run more server workers, each with its own engine.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Sequence
@@ -41,17 +40,13 @@ from typing import Any
 import numpy as np
 
 from ..config import ModelConfig
+from ..engines.tensorrt import require_tensorrt, trt_logger
 from ..errors import BadRequest, ConfigError, ModelLoadError, SeldonCaffeError, Unsupported
 from ._onnx_source import tensor_spec
 from .base import Arrays, Runtime, TensorSpec
 
 logger = logging.getLogger(__name__)
 
-MIN_VERSION = (8, 6)
-TENSORRT_HINT = (
-    "install it on a machine with an NVIDIA GPU: `pip install tensorrt` (CUDA 12: `pip install tensorrt-cu12`), "
-    "or use NVIDIA's TensorRT container nvcr.io/nvidia/tensorrt; on CPU use the onnxruntime or openvino runtime"
-)
 # trt.DataType member name -> numpy dtype name (torch spells them the same)
 DTYPES = {
     "FLOAT": "float32",
@@ -62,25 +57,6 @@ DTYPES = {
     "UINT8": "uint8",
     "BOOL": "bool",
 }
-
-
-def require_tensorrt(error: type[SeldonCaffeError] = SeldonCaffeError) -> ModuleType:
-    """`import tensorrt`, or `error` telling the user how to get it."""
-    try:
-        import tensorrt
-    except (ImportError, OSError) as exc:  # OSError: the wheel is there but libnvinfer does not load
-        raise error(f"TensorRT is not installed (import tensorrt: {exc}); {TENSORRT_HINT}") from None
-    version = tuple(int(part) for part in tensorrt.__version__.split(".")[:2] if part.isdigit())
-    if version < MIN_VERSION:
-        raise error(f"TensorRT {tensorrt.__version__} is too old: seldon-caffe needs 8.6 or later; {TENSORRT_HINT}")
-    return tensorrt
-
-
-@functools.cache
-def trt_logger() -> Any:
-    """One logger per process: TensorRT keeps the first it is given for the whole library."""
-    trt = require_tensorrt()
-    return trt.Logger(trt.Logger.WARNING)
 
 
 class TensorRTRuntime(Runtime):
@@ -192,7 +168,7 @@ def check_gpu_device(config: ModelConfig) -> None:
 
 def _cuda_torch(device: str) -> tuple[ModuleType, Any]:
     """(torch, the torch.device of options.device): the runtime keeps its buffers in torch CUDA tensors."""
-    try:  # through the torch runtime's module, which imports torch the safe way (convert.torch.import_torch)
+    try:  # through the torch runtime's module, which imports torch the safe way (engines.torch.import_torch)
         from .torch import torch, torch_device
     except ImportError:
         raise ModelLoadError(

@@ -28,21 +28,25 @@ import logging
 import re
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
-from ..config import ModelConfig, OptionReader
-from ..convert.description import FILE_NAME as DESCRIPTION_FILE
-from ..convert.description import load_description
-from ..convert.torch import import_torch, load_saved, torch_file_kind
+from ..config import ModelConfig
+from ..engines.description import FILE_NAME as DESCRIPTION_FILE
+from ..engines.description import load_description
+from ..engines.torch import import_torch, load_saved, torch_file_kind
 from ..errors import BadRequest, ConfigError, ModelLoadError, SeldonCaffeError
 from .base import Arrays, Runtime, TensorSpec, check_finite
+from .builtin import TorchOptions
+from .options import cuda_index
 
 logger = logging.getLogger(__name__)
-torch = import_torch()  # before anything imports triton: see import_torch
+if TYPE_CHECKING:  # mypy reads torch's own types; at run time, import_torch decides how it loads
+    import torch
+else:
+    torch = import_torch()  # before anything imports triton: see import_torch
 
 REDUCED = {"fp16": torch.float16, "bf16": torch.bfloat16}
 KINDS = {"torchscript": "TorchScript archive", "exported_program": "ExportedProgram", "caffe": "Caffe net"}
@@ -52,48 +56,6 @@ GRAPH_WARMUP = 3  # runs on a side stream before a capture: TorchScript optimise
 # an ExportedProgram's shape guard) is the client's: a 400 saying what was expected.
 _INPUT_ERROR = re.compile(r"shape|size|dimension|channels|Guard failed", re.IGNORECASE)
 _SIGNATURE_EXAMPLE = "inputs: [{name: image, dtype: float32, shape: [-1, 3, 224, 224]}]"
-
-
-@dataclass(frozen=True)
-class TorchOptions:
-    """The torch runtime's view of model.yaml `options`, validated."""
-
-    device: str = "cpu"
-    precision: str = "fp32"
-    threads: int = 2
-    channels_last: bool = False
-    cuda_graphs: bool = False
-    cudnn_benchmark: bool = True
-    tf32: bool = False
-
-    @classmethod
-    def from_config(cls, config: ModelConfig) -> TorchOptions:
-        """Check the keys this runtime reads; a ConfigError names the field and what is allowed."""
-        options = config.options
-        read = OptionReader(config)
-        problem, flag = read.problem, read.flag
-
-        device, precision = str(options.get("device", "cpu")), options.get("precision", "fp32")
-        on_cuda = device.startswith("cuda")
-        if precision == "int8":
-            raise problem(
-                "precision",
-                "int8: the torch runtime has no int8 path; convert the model to ONNX (`seldon-caffe convert torch`), "
-                "then quantize it (`seldon-caffe quantize`) for onnxruntime or openvino, or build an int8 plan "
-                "(`seldon-caffe convert tensorrt --precision int8`) for the tensorrt runtime",
-            )
-        if precision == "fp16" and not on_cuda:
-            raise problem(
-                "precision", "fp16 needs device cuda (CPUs have no fast fp16 kernels); on cpu use fp32 or bf16"
-            )
-        cuda_graphs = flag("cuda_graphs", False)
-        if cuda_graphs and not on_cuda:
-            raise problem("cuda_graphs", f"CUDA graphs need device cuda or cuda:N; device is {device}")
-        tf32 = flag("tf32", False)
-        if tf32 and (not on_cuda or precision != "fp32"):
-            raise problem("tf32", f"TF32 is a form of fp32 on a GPU; device is {device}, precision {precision}")
-        threads, channels_last = int(options.get("threads", 2)), flag("channels_last", False)
-        return cls(device, precision, threads, channels_last, cuda_graphs, flag("cudnn_benchmark", True), tf32)
 
 
 class TorchRuntime(Runtime):
@@ -109,6 +71,7 @@ class TorchRuntime(Runtime):
         if self.device.type == "cuda":
             set_cuda_precision(self.options)
         if config.format == "caffe":
+            found: list[dict[str, Any]] | None
             self.kind, program = "caffe", None
             self.path, module, found = load_caffe(config, self.device)
         else:
@@ -195,12 +158,14 @@ class TorchRuntime(Runtime):
         """Run through the graph captured for these shapes (capturing it the first time)."""
         key = tuple(array.shape for array in arrays)
         with self._graph_lock, torch.cuda.device(self.device):
-            graph = self._graphs.get(key)
+            graphs = self._graphs
+            assert graphs is not None  # _run replays only when cuda_graphs is on; close() keeps it a dict
+            graph = graphs.get(key)
             if graph is None:
-                if len(self._graphs) >= MAX_GRAPHS:
+                if len(graphs) >= MAX_GRAPHS:
                     logger.warning("%d input shapes have CUDA graphs already; %s runs without one", MAX_GRAPHS, key)
                     return self._eager(arrays)
-                graph = self._graphs[key] = self._capture(arrays)
+                graph = graphs[key] = self._capture(arrays)
             static_in, static_out, cuda_graph = graph
             for buffer, array in zip(static_in, arrays, strict=True):
                 buffer.copy_(torch.from_numpy(array))
@@ -279,7 +244,7 @@ def torch_device(device: str) -> torch.device:
             f"options.device {device!r}: torch.cuda.is_available() is false on this machine (torch "
             f"{torch.__version__}, {build}): no GPU or driver is visible. Use device: cpu, or run where a GPU is"
         )
-    index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+    index, count = cuda_index(device) or 0, torch.cuda.device_count()
     if index >= count:
         raise ModelLoadError(f"options.device {device!r}: torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
     return torch.device("cuda", index)
@@ -393,6 +358,10 @@ def program_inputs(program: Any) -> list[dict[str, Any]] | None:
     return entries or None
 
 
+@overload
+def merge(base: list[dict], given: list[dict] | None, key: str, config: ModelConfig) -> list[dict]: ...
+@overload
+def merge(base: list[dict] | None, given: list[dict] | None, key: str, config: ModelConfig) -> list[dict] | None: ...
 def merge(base: list[dict] | None, given: list[dict] | None, key: str, config: ModelConfig) -> list[dict] | None:
     """model.yaml's entries over the model directory's: by name (as load_runtime refines any
     runtime's signature), or, when they use other names, in place of them one for one."""
@@ -423,6 +392,7 @@ def output_entries(
     model.yaml refines them by those names, or renames them in order. config.txt's outputs
     are forward()'s results in order, or for a dict, its keys as their node_name.
     """
+    found: list[tuple[str, Any, torch.Tensor]]
     if isinstance(result, torch.Tensor):
         found = [("o", None, result)]
     elif isinstance(result, (tuple, list)) and result and all(isinstance(t, torch.Tensor) for t in result):

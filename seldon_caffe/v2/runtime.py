@@ -28,7 +28,7 @@ from mlserver.types import InferenceRequest, InferenceResponse, MetadataTensor
 from mlserver.utils import get_model_uri
 from prometheus_client import Gauge, Histogram
 
-from ..errors import SeldonCaffeError
+from ..errors import ModelUnavailable, SeldonCaffeError, first_line
 from ..pipeline import STAGES, Pipeline, RequestStats, log_failure
 from ..server import LOG_FORMAT
 from . import patches
@@ -92,6 +92,8 @@ class SeldonCaffeRuntime(MLModel):
         """One request, in a pool thread: decode, the pipeline, encode. Every failure is
         logged here, once, and raised as the package's own error."""
         pipeline = self.pipeline
+        if pipeline is None:  # unloaded while the request waited
+            raise ModelUnavailable(f"model {self.name} is not loaded")
         try:
             by_name = "preprocess" not in pipeline.hooks.user
             payload, names, meta = decode_request(request, by_name)
@@ -104,10 +106,9 @@ class SeldonCaffeRuntime(MLModel):
             log_failure(error)
             raise
         except Exception as exc:  # ours to fix: the traceback goes to the log
-            first_line = (str(exc).strip().splitlines() or [""])[0][:500]
-            error = SeldonCaffeError(f"internal error: {type(exc).__name__}: {first_line}")
-            logger.error("request failed (500): %s", error, exc_info=exc)
-            raise error from exc
+            internal = SeldonCaffeError(f"internal error: {type(exc).__name__}: {first_line(exc)}")
+            logger.error("request failed (500): %s", internal, exc_info=exc)
+            raise internal from exc
         return InferenceResponse(model_name=self.name, model_version=self.version, id=request.id, outputs=tensors)
 
     def _extra(self) -> dict[str, Any]:
@@ -122,9 +123,10 @@ class SeldonCaffeRuntime(MLModel):
 
     def _describe(self, metadata: dict[str, Any]) -> None:
         """The V2 metadata from the runtime's signature, unless model-settings.json gives its own."""
-        if not self.inputs:
+        # mlserver's inputs/outputs setters are unannotated: mypy cannot type the properties.
+        if not self.inputs:  # type: ignore[has-type]
             self.inputs = [MetadataTensor(**tensor) for tensor in metadata["inputs"]]
-        if not self.outputs:
+        if not self.outputs:  # type: ignore[has-type]
             self.outputs = [MetadataTensor(**tensor) for tensor in metadata["outputs"]]
         self.settings.platform = self.settings.platform or metadata["platform"]
         self.settings.versions = self.settings.versions or metadata["versions"]

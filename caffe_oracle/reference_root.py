@@ -1,8 +1,8 @@
 # ruff: noqa: B905 -- this file runs on Python 3.9, where zip() has no strict=
-"""The half of `seldon_caffe.reference` that runs inside the real-Caffe root.
+"""The half of `caffe_oracle.reference` that runs inside the real-Caffe root.
 
-`reference.run_jobs` copies this file and `pycaffe_worker.py` into a fresh directory
-under the root's /tmp and runs it there with the root's Python 3.9 and real pycaffe: it
+`reference.run_jobs` copies this file and seldon_caffe's `runtimes/pycaffe_worker.py` into a
+fresh directory under the root's /tmp and runs it there with the root's Python 3.9 and real pycaffe: it
 reads jobs.json and in.npz, runs each job with Caffe's own code, and writes results.json
 and out.npz. Only the standard library and numpy are imported at the top, so that our
 Python 3.12 can import it too (for `describe_proto`).
@@ -24,7 +24,7 @@ CALIBRATION_BATCH = 2
 
 def _root_main(work: str) -> None:
     sys.path.insert(0, work)
-    import caffe  # noqa: I001 (only inside the root)
+    import caffe  # only inside the root
 
     caffe.set_mode_cpu()
     ops = {

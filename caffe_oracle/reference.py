@@ -23,20 +23,21 @@ from typing import Any
 
 import numpy as np
 
-from seldon_caffe import reference_root
-from seldon_caffe.reference_root import describe_proto as describe_proto  # for the tests
+from caffe_oracle import reference_root
+from caffe_oracle.reference_root import describe_proto as describe_proto  # for the tests
+from seldon_caffe.paths import cache_dir
+from seldon_caffe.runtimes import pycaffe_process
 from seldon_caffe.runtimes.pycaffe_process import caffe_env
 
 ROOT_ENV = "SELDON_CAFFE_REFERENCE_ROOT"
-_WORKER = Path(__file__).resolve().parent / "runtimes" / "pycaffe_worker.py"
+_WORKER = Path(pycaffe_process.__file__).resolve().parent / "pycaffe_worker.py"
 
 
 def default_root() -> Path:
     """Where `make caffe-env` builds the root: outside any clone, shared by all of them."""
     if os.environ.get(ROOT_ENV):
         return Path(os.environ[ROOT_ENV])
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "seldon-caffe" / "caffe-root"
+    return cache_dir("caffe-root")
 
 
 def unavailable_reason(root: Path | None = None) -> str | None:

@@ -220,14 +220,14 @@ def parse_description(raw: Any, source: Path | None = None) -> ModelDescription:
     return ModelDescription(batch_size=batch_size, inputs=inputs, outputs=outputs, source=source)
 
 
-def _tensors(raw: dict, key: str, batch_size: int, problem) -> tuple[TensorDescription, ...]:  # noqa: ANN001
+def _tensors(raw: dict, key: str, batch_size: int, problem) -> tuple[TensorDescription, ...]:
     entries = raw.get(key)
     if not isinstance(entries, list) or not entries:
         raise problem(key, 'expected a non-empty list of {"name", "data_type", "dims", "node_name"}')
     return tuple(_tensor(entry, f"{key}[{i}]", batch_size, problem) for i, entry in enumerate(entries))
 
 
-def _tensor(entry: Any, where: str, batch_size: int, problem) -> TensorDescription:  # noqa: ANN001
+def _tensor(entry: Any, where: str, batch_size: int, problem) -> TensorDescription:
     if not isinstance(entry, dict):
         raise problem(where, 'expected an object {"name", "data_type", "dims", "node_name"}')
     unknown = sorted(set(entry) - set(TENSOR_FIELDS))
@@ -240,7 +240,7 @@ def _tensor(entry: Any, where: str, batch_size: int, problem) -> TensorDescripti
     dtype = DTYPES.get(str(data_type).lower()) if isinstance(data_type, str) else None
     if dtype is None:
         raise problem(f"{where}.data_type", f"{data_type!r} is not a type; e.g. float32, int64, TYPE_FP32, DT_FLOAT")
-    dims = entry.get("dims")
+    dims: Any = entry.get("dims")
     valid = isinstance(dims, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in dims)
     if not valid or any(d == 0 or d < -1 for d in dims):
         raise problem(f"{where}.dims", f"{dims!r}: expected a list of sizes, -1 for any size, e.g. [-1, 3, 224, 224]")

@@ -1,0 +1,35 @@
+"""Helpers the test modules share (`from helpers import ...`): where things live, model copies, threads.
+
+Fixtures stay in conftest.py; tests/service.py (a served model), tests/fuzzing.py and
+tests/k8s_check.py are the other helper modules.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+# ../shared/caffe-zoo beside the clone (DESIGN.md); overridable for other layouts.
+ZOO = Path(os.environ.get("SELDON_CAFFE_ZOO", REPO.parent / "shared" / "caffe-zoo"))
+
+
+def run_concurrently(worker: Callable[[int], None], count: int) -> None:
+    """worker(0) ... worker(count - 1) in threads at once; the first failure is raised here."""
+    with ThreadPoolExecutor(count) as pool:
+        for future in [pool.submit(worker, i) for i in range(count)]:
+            future.result()
+
+
+def copy_model(source: Path, target: Path, *, hooks: str | None = None, yaml: str | None = None) -> Path:
+    """Copy a model directory; optionally replace its hooks.py and model.yaml."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.onnx", ".cache"))
+    if hooks is not None:
+        (target / "hooks.py").write_text(hooks)
+    if yaml is not None:
+        (target / "model.yaml").write_text(yaml)
+    return target
