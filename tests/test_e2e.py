@@ -20,7 +20,7 @@ from seldon_core.utils import array_to_grpc_datadef, grpc_datadef_to_array
 from service import running_service
 
 from seldon_caffe.config import load_config
-from seldon_caffe.runtimes import load_runtime
+from seldon_caffe.runtimes import load_runtime, resolve_runtime
 
 pytestmark = pytest.mark.e2e  # every test talks to `seldon-caffe serve` (tests/service.py)
 
@@ -191,13 +191,13 @@ def test_dl_inference_style_hooks(tmp_path, lenet_example, model):
 # -- the service around the model ------------------------------------------------------
 
 
-def test_metadata_tags_and_metrics(plain, model):
+def test_metadata_tags_and_metrics(plain, plain_dir, model):
     meta = requests_get(plain, "/api/v1.0/metadata")
     assert meta["inputs"] == [{"name": "data", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
     assert meta["outputs"][0]["name"] == "prob"
     response = plain.post({"data": {"ndarray": IMAGES.tolist()}})
     np.testing.assert_allclose(ndarray_of(response), expected(model), rtol=1e-5, atol=1e-7)
-    assert response.json()["meta"]["tags"]["runtime"] == model.name
+    assert response.json()["meta"]["tags"]["runtime"] == resolve_runtime(load_config(plain_dir))  # auto's choice
     import requests
 
     prometheus = requests.get(f"http://127.0.0.1:{plain.metrics_port}/metrics", timeout=10).text

@@ -254,4 +254,5 @@ def test_inspect_command(lenet_example, capsys):
     assert "hooks     postprocess, preprocess" in out
     assert main(["inspect", str(lenet_example), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["runtime"] in ("opencv", "pycaffe") and info["inputs"][0]["shape"] == [-1, 1, 28, 28]
+    assert info["runtime"] in ("opencv", "pycaffe", "onnxruntime", "openvino")  # auto's choice here
+    assert info["inputs"][0]["shape"] == [-1, 1, 28, 28]

@@ -143,7 +143,8 @@ def load_fastest(config: ModelConfig, load: Loader) -> Runtime:
     key = _cache_key(config)
     cached = _read_choice(config, key)
     if cached is not None and cached.runtime in _installed():
-        log.info("runtime auto: %s for %s (%s)", cached.runtime, config.name, cached.summary())
+        # DEBUG: every server process of a service reads it; the measurement was logged once
+        log.debug("runtime auto: %s for %s (%s)", cached.runtime, config.name, cached.summary())
         return load(config, cached.runtime)
     candidates, excluded = _candidates(config)
     if not candidates:  # every installed engine has a gap: serve as before, and inspect warns
