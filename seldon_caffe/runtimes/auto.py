@@ -93,7 +93,7 @@ class Choice:
 
     def summary(self) -> str:
         timed = ", ".join(f"{name} {ms:.3g} ms" for name, ms in sorted(self.timings_ms.items(), key=lambda kv: kv[1]))
-        text = f"fastest at batch {self.batch}: {timed}" if len(self.timings_ms) > 1 else "the only candidate"
+        text = f"fastest at batch {self.batch}: {timed}" if self.timings_ms else "not timed"
         dropped = "; ".join(f"{name}: {why}" for name, why in self.excluded.items())
         return text + (f"; not considered: {dropped}" if dropped else "") + ("; cached" if self.cached else "")
 
@@ -177,12 +177,13 @@ def _measure(
         raise first
     try:
         feed = _random_feed(next(iter(loaded.values())), batch)
+        timings: dict[str, float] = {}
         if feed is not None and len(loaded) > 1:
             _drop_unfaithful(config, loaded, feed, excluded)
-            timings = _time(loaded, feed)
-        else:  # nothing to compare, or an input whose shape we cannot make up
-            timings = {name: float("nan") for name in loaded}
-        winner = min(loaded, key=lambda name: (_sortable(timings[name]), CANDIDATES.index(name)))
+            timings = _time(loaded, feed) if len(loaded) > 1 else {}
+        elif feed is None:  # an input whose shape we cannot make up: the most trusted serves
+            log.warning("runtime auto: an input of %s has an open dimension besides the batch: not timed", config.name)
+        winner = min(loaded, key=lambda name: (timings.get(name, math.inf), CANDIDATES.index(name)))
     except BaseException:
         for runtime in loaded.values():
             runtime.close()
@@ -193,10 +194,6 @@ def _measure(
     when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     choice = Choice(winner, batch, {n: round(t, 4) for n, t in timings.items()}, excluded, cpu.describe(), when)
     return choice, loaded[winner]
-
-
-def _sortable(ms: float) -> float:
-    return float("inf") if math.isnan(ms) else ms
 
 
 def _drop_unfaithful(config: ModelConfig, loaded: dict[str, Runtime], feed: dict, excluded: dict[str, str]) -> None:
@@ -317,9 +314,11 @@ def _version(distribution: str) -> str | None:
 
 
 def _cache_key(config: ModelConfig) -> str:
-    from ..caffe.to_onnx import CONVERTER_VERSION
-
-    digest = hashlib.sha256(f"seldon-caffe auto {CHOICE_VERSION} converter {CONVERTER_VERSION}\n".encode())
+    try:
+        from ..caffe.to_onnx import CONVERTER_VERSION as converter  # what the ONNX engines run
+    except ImportError:  # no onnx: neither ONNX engine is a candidate
+        converter = "none"
+    digest = hashlib.sha256(f"seldon-caffe auto {CHOICE_VERSION} converter {converter}\n".encode())
     for role in ("prototxt", "weights"):
         with open(config.files[role], "rb") as handle:
             digest.update(hashlib.file_digest(handle, "sha256").digest())
