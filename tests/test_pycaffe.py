@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import ZOO
-from service import alive, is_pycaffe_worker, process_tree, running_service
+from service import Service, alive, is_pycaffe_worker, process_tree, running_service
 
 from caffe_oracle import reference
 from seldon_caffe.config import load_config
@@ -423,32 +423,14 @@ def test_service_answers_like_real_caffe_and_survives_a_killed_worker(model_dir:
     expected = reference.forward(model_dir / "deploy.prototxt", model_dir / "weights.caffemodel", {"data": x})["prob"]
     payload = {"data": {"ndarray": x.tolist()}}
     with running_service(model_dir) as service:
-        answer = service.post(payload)
-        assert answer.status_code == 200, answer.text
-        _assert_close(np.float32(answer.json()["data"]["ndarray"]), expected)
 
-        workers = [pid for pid in process_tree(service.process.pid) if is_pycaffe_worker(pid)]
-        assert workers, "no pycaffe worker below the service"
-        statuses: list[int] = []
-        killed = threading.Event()
-
-        def kill_soon() -> None:
-            time.sleep(0.3)
-            for pid in workers:
-                os.kill(pid, signal.SIGKILL)
-            killed.set()
-
-        threading.Thread(target=kill_soon).start()
-        while not (killed.is_set() and 503 in statuses and statuses[-5:] == [200] * 5):
+        def over_rest() -> tuple[str, object]:
             reply = service.post(payload)
-            statuses.append(reply.status_code)
             if reply.status_code == 200:
-                _assert_close(np.float32(reply.json()["data"]["ndarray"]), expected)
-            else:
-                assert reply.status_code == 503 and "killed by SIGKILL" in reply.text, reply.text
-            assert len(statuses) < 5000, "no 503 seen"
-        assert statuses.count(503) == 1, statuses
-        assert statuses[-5:] == [200] * 5
+                return "OK", np.float32(reply.json()["data"]["ndarray"])
+            return str(reply.status_code), reply.text
+
+        _kill_workers_while_asking(service, over_rest, expected, "503")
 
 
 @pytest.mark.reference
@@ -490,32 +472,38 @@ def test_v2_service_answers_like_real_caffe_and_a_dead_worker_is_503_and_unavail
                 return error.code().name, error.details()
             return "OK", prob(ModelInferResponseConverter.to_types(answer).model_dump())
 
-        def kill_workers_while_asking(ask: Callable[[], tuple[str, object]], dead: str) -> None:
-            status, answer = ask()
-            assert status == "OK", answer
+        _kill_workers_while_asking(service, over_rest, expected, "503")
+        _kill_workers_while_asking(service, over_grpc, expected, "UNAVAILABLE")
+
+
+def _kill_workers_while_asking(
+    service: Service, ask: Callable[[], tuple[str, object]], expected: np.ndarray, dead: str
+) -> None:
+    """Ask once, SIGKILL the service's pycaffe workers (the spare too) while asking on: exactly
+    one request gets `dead` (the status or code `ask` returns) naming the signal, every other
+    answer equals `expected`, and five in a row come back after it."""
+    status, answer = ask()
+    assert status == "OK", answer
+    _assert_close(answer, expected)
+    workers = [pid for pid in process_tree(service.process.pid) if is_pycaffe_worker(pid)]
+    assert workers, "no pycaffe worker below the service"
+    statuses: list[str] = []
+    killed = threading.Event()
+
+    def kill_soon() -> None:
+        time.sleep(0.3)
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        killed.set()
+
+    threading.Thread(target=kill_soon).start()
+    while not (killed.is_set() and dead in statuses and statuses[-5:] == ["OK"] * 5):
+        status, answer = ask()
+        statuses.append(status)
+        if status == "OK":
             _assert_close(answer, expected)
-            workers = [pid for pid in process_tree(service.process.pid) if is_pycaffe_worker(pid)]
-            assert workers, "no pycaffe worker below the service"
-            statuses: list[str] = []
-            killed = threading.Event()
-
-            def kill_soon() -> None:
-                time.sleep(0.3)
-                for pid in workers:
-                    os.kill(pid, signal.SIGKILL)
-                killed.set()
-
-            threading.Thread(target=kill_soon).start()
-            while not (killed.is_set() and dead in statuses and statuses[-5:] == ["OK"] * 5):
-                status, answer = ask()
-                statuses.append(status)
-                if status == "OK":
-                    _assert_close(answer, expected)
-                else:
-                    assert status == dead and "killed by SIGKILL" in answer, (status, answer)
-                assert len(statuses) < 5000, f"no {dead} seen"
-            assert statuses.count(dead) == 1, statuses
-            assert not [pid for pid in workers if alive(pid)], "a killed worker is still there"
-
-        kill_workers_while_asking(over_rest, "503")
-        kill_workers_while_asking(over_grpc, "UNAVAILABLE")
+        else:
+            assert status == dead and "killed by SIGKILL" in answer, (status, answer)
+        assert len(statuses) < 5000, f"no {dead} seen"
+    assert statuses.count(dead) == 1, statuses
+    assert not [pid for pid in workers if alive(pid)], "a killed worker is still there"
