@@ -1,4 +1,5 @@
-"""What every benchmark script shares: the machine's name, and its own section of docs/benchmarks.md.
+"""What every benchmark script shares: the machine's name, its own section of docs/benchmarks.md,
+and the served-load tables' rows (batching.py, protocols.py).
 
 Each script owns the part of docs/benchmarks.md between its two marker comments, so the
 scripts can be rerun one at a time without touching each other's tables.
@@ -6,9 +7,12 @@ scripts can be rerun one at a time without touching each other's tables.
 
 from __future__ import annotations
 
+import datetime
 import os
+import statistics
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -57,6 +61,33 @@ def caffe_blas() -> str:
     coretype = os.environ.get("OPENBLAS_CORETYPE")
     setting = f"OPENBLAS_CORETYPE={coretype}" if coretype else "OPENBLAS_CORETYPE unset"
     return f"OpenBLAS {version}, {core} kernel ({setting})" if done.returncode == 0 else "unknown"
+
+
+def median(rows: list[dict], key: str) -> float:
+    """The median of `key` over report rows (one per round)."""
+    return statistics.median(row[key] for row in rows)
+
+
+def served_table_lines(
+    model: str, rows: dict[tuple, list[dict]], labels: Sequence[str], levels: Sequence[int]
+) -> list[str]:
+    """One row per label of a served-load table: median req/s, p50 and p99 at each level."""
+    lines = []
+    for label in labels:
+        cells = []
+        for level in levels:
+            got = rows[(label, level)]
+            cells += [f"{median(got, 'req_s'):.1f}", f"{median(got, 'p50'):.1f}", f"{median(got, 'p99'):.1f}"]
+        lines.append(f"| {model} | {label} | {' | '.join(cells)} |")
+    return lines
+
+
+def served_measured_line(began: float) -> str:
+    """The first line of a served-load section: when, on what, how long, how loaded."""
+    return (
+        f"Measured {datetime.date.today().isoformat()} on {cpu_model()}, shared by the servers and the clients; "
+        f"{(time.monotonic() - began) / 60:.0f} min, load average (5 min) at the end {os.getloadavg()[1]:.1f}."
+    )
 
 
 def wait_for_quiet(limit_s: float, threshold: float) -> None:

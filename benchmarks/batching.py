@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import shutil
@@ -44,7 +43,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _report import cpu_model, wait_for_quiet, write_section  # noqa: E402
+from _report import median, served_measured_line, served_table_lines, wait_for_quiet, write_section  # noqa: E402
 from served_overhead import googlenet_dir  # noqa: E402
 from service import Service, running_service  # noqa: E402
 
@@ -150,22 +149,6 @@ def measure(
     return rows
 
 
-def median(rows: list[dict], key: str) -> float:
-    return statistics.median(row[key] for row in rows)
-
-
-def table_lines(model: str, rows: dict[tuple, list[dict]]) -> list[str]:
-    """The model's two rows of the main table: req/s, p50 and p99 at each level."""
-    lines = []
-    for condition in CONDITIONS:
-        cells = []
-        for level in LEVELS:
-            got = rows[(condition, level)]
-            cells += [f"{median(got, 'req_s'):.1f}", f"{median(got, 'p50'):.1f}", f"{median(got, 'p99'):.1f}"]
-        lines.append(f"| {model} | {condition} | {' | '.join(cells)} |")
-    return lines
-
-
 def gain(rows: dict[tuple, list[dict]], level: int) -> float:
     """Batched over unbatched req/s at `level`: the median of each round's ratio. The two ran
     back to back in a round, so a burst of load on this shared machine that hits one round
@@ -264,7 +247,7 @@ def main() -> None:
                     for condition, request in requests.items()
                 }
             rows_by_level = measure(services, requests, protocol, args)
-        lines += table_lines(name, rows_by_level)
+        lines += served_table_lines(name, rows_by_level, CONDITIONS, LEVELS)
         gains.append(gain_line(name, rows_by_level))
         if name.startswith("GoogLeNet"):
             checks += verdicts(name, rows_by_level, full_ms)
@@ -274,9 +257,7 @@ def main() -> None:
         [
             "## Adaptive batching: unbatched and batched, served",
             "",
-            f"Measured {datetime.date.today().isoformat()} on {cpu_model()}, shared by the servers and "
-            f"the clients; {(time.monotonic() - began) / 60:.0f} min, load average (5 min) "
-            f"at the end {os.getloadavg()[1]:.1f}.",
+            served_measured_line(began),
             "",
             f"    .venv/bin/python benchmarks/batching.py --rounds {args.rounds} --duration {args.duration:g}",
             "",

@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
-import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -38,7 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _report import cpu_model, wait_for_quiet, write_section  # noqa: E402
+from _report import median, served_measured_line, served_table_lines, wait_for_quiet, write_section  # noqa: E402
 from served_overhead import googlenet_dir, payload_files  # noqa: E402
 from service import Service, running_service  # noqa: E402
 
@@ -111,21 +108,6 @@ def measure(prepared: dict[str, tuple], args: argparse.Namespace) -> dict[tuple[
     return rows
 
 
-def median(rows: list[dict], key: str) -> float:
-    return statistics.median(row[key] for row in rows)
-
-
-def table_lines(model: str, rows: dict[tuple[str, int], list[dict]], labels: list[str]) -> list[str]:
-    lines = []
-    for label in labels:
-        cells = []
-        for level in LEVELS:
-            got = rows[(label, level)]
-            cells += [f"{median(got, 'req_s'):.1f}", f"{median(got, 'p50'):.1f}", f"{median(got, 'p99'):.1f}"]
-        lines.append(f"| {model} | {label} | {' | '.join(cells)} |")
-    return lines
-
-
 def verdicts(model: str, rows: dict[tuple[str, int], list[dict]], v2_label: str, v1_label: str) -> list[str]:
     """V2 gRPC's median req/s over v1 gRPC's, at each level."""
     ratios = [median(rows[(v2_label, c)], "req_s") / median(rows[(v1_label, c)], "req_s") for c in LEVELS]
@@ -157,7 +139,7 @@ def main() -> None:
             v1 = stack.enter_context(running_service(model_dir, verbose=False))
             v2 = stack.enter_context(running_service(model_dir, "--protocol", "v2", verbose=False))
             rows = measure(requests_for(payload_map, v1, v2), args)
-        lines += table_lines(name, rows, list(payload_map))
+        lines += served_table_lines(name, rows, list(payload_map), LEVELS)
         checks += verdicts(name, rows, *compared)
     shutil.rmtree(root)
     header = " | ".join(f"c{c} req/s | c{c} p50 | c{c} p99" for c in LEVELS)
@@ -165,9 +147,7 @@ def main() -> None:
         [
             "## Protocols: Seldon v1 and V2 (Open Inference), REST and gRPC",
             "",
-            f"Measured {datetime.date.today().isoformat()} on {cpu_model()}, shared by the servers and "
-            f"the clients; {(time.monotonic() - began) / 60:.0f} min, load average (5 min) "
-            f"at the end {os.getloadavg()[1]:.1f}.",
+            served_measured_line(began),
             "",
             f"    .venv/bin/python benchmarks/protocols.py --rounds {args.rounds} --duration {args.duration:g}",
             "",
