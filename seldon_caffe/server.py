@@ -161,10 +161,17 @@ def serve(options: ServeOptions) -> int:
         _stop_all(children)
         with contextlib.suppress(Exception):
             metrics._manager.shutdown()  # Seldon keeps no public handle on its manager process
-    if failed is not None:
-        code = failed.process.exitcode or 0  # it exited: an int
+    died = None if failed is None else (failed.describe(), failed.process.exitcode or 0)  # it exited: an int
+    return service_exit(stop_signal, died)
+
+
+def service_exit(stop_signal: StopSignal, died: tuple[str, int] | None) -> int:
+    """The service's exit status, said on the console: 0 after a stop signal, 1 when one of
+    its processes (`died`: what it was, its exit code) ended on its own."""
+    if died is not None:
+        what, code = died
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-        print(f"seldon-caffe: error: {failed.describe()} {how}; the service stopped", file=sys.stderr, flush=True)
+        print(f"seldon-caffe: error: {what} {how}; the service stopped", file=sys.stderr, flush=True)
         return 1
     logger.info("stopped on %s", stop_signal.name)
     return 0

@@ -31,7 +31,16 @@ from typing import Any
 
 from ..config import load_config
 from ..errors import SeldonCaffeError
-from ..server import LOG_FORMAT, STOP_S, ServeOptions, StopSignal, announce_ready, configure_logging, die_with_parent
+from ..server import (
+    LOG_FORMAT,
+    STOP_S,
+    ServeOptions,
+    StopSignal,
+    announce_ready,
+    configure_logging,
+    die_with_parent,
+    service_exit,
+)
 
 logger = logging.getLogger("seldon_caffe.server")
 
@@ -71,12 +80,7 @@ def serve_v2(options: ServeOptions) -> int:
             code = _supervise(process, stop_signal)
         finally:
             _stop(process)
-    if code is not None:
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-        print(f"seldon-caffe: error: MLServer {how}; the service stopped", file=sys.stderr, flush=True)
-        return 1
-    logger.info("stopped on %s", stop_signal.name)
-    return 0
+    return service_exit(stop_signal, None if code is None else ("MLServer", code))
 
 
 def write_settings(folder: Path, options: ServeOptions) -> None:
