@@ -140,15 +140,7 @@ def test_init_then_s2i_assemble_and_run_answers_over_rest(lenet_dir, tmp_path):
     assert metrics.status_code == 200 and "seldon_caffe_run_model_seconds" in metrics.text
     assert "Serving the model_dir parameter's directory with seldon-caffe" in service.log()
     assert f"serving {app} " in service.log()  # `seldon-caffe serve` found it through the parameter
-
-    from seldon_caffe.model import SeldonCaffeModel  # the same model, no service in between
-
-    direct = SeldonCaffeModel(str(app))
-    direct.load()
-    try:
-        assert np.allclose(direct.model.run(x)["prob"], prob, atol=1e-5)
-    finally:
-        direct.model.close()
+    _assert_answers_as_served(app, x, prob)
 
 
 @pytest.mark.parametrize("broken", ["format", "weights"])
@@ -235,15 +227,7 @@ def test_s2i_run_with_protocol_v2_answers_over_v2(lenet_dir, tmp_path):
     assert "with seldon-caffe over the V2 protocol (MLServer)" in service.log()
     (output,) = [o for o in response.json()["outputs"] if o["name"] == "prob"]
     prob = np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
-
-    from seldon_caffe.model import SeldonCaffeModel  # the same model, no service in between
-
-    direct = SeldonCaffeModel(str(app))
-    direct.load()
-    try:
-        assert np.allclose(direct.model.run(x)["prob"], prob, atol=1e-5)
-    finally:
-        direct.model.close()
+    _assert_answers_as_served(app, x, prob)
 
 
 def test_usage_explains_the_builder():
@@ -350,3 +334,14 @@ def test_init_in_place_keeps_the_model_files(lenet_files, tmp_path):
     plan = scaffold.init_model_dir(target, sources=in_place)
     assert plan.files == {"prototxt": "lenet.prototxt", "weights": "lenet.caffemodel"}
     assert load_config(target).files["weights"] == in_place[1].resolve()
+
+
+def _assert_answers_as_served(app: Path, x: np.ndarray, prob: np.ndarray) -> None:
+    """The same model in this process, no service in between, answers what the service did."""
+    from seldon_caffe.pipeline import Pipeline
+
+    direct = Pipeline.load(app)
+    try:
+        assert np.allclose(direct.model.run(x)["prob"], prob, atol=1e-5)
+    finally:
+        direct.model.close()
