@@ -40,15 +40,21 @@ def resolve_runtime(config: ModelConfig) -> str:
     """The runtime `auto` stands for, given what is installed (DESIGN.md, model.yaml)."""
     if config.runtime != "auto":
         return config.runtime
-    if config.format == "caffe":
-        if _importable("caffe"):
-            return "pycaffe"
-        if config.options.get("pycaffe_command"):
-            return "pycaffe"
+    if _measured_by_auto(config):
         from .auto import resolve as resolve_auto  # the measured choice (runtimes/auto.py)
 
         return resolve_auto(config)
+    if config.format == "caffe":
+        return "pycaffe"
     return default_runtime(config.format)  # every other format has one runtime `auto` means
+
+
+def _measured_by_auto(config: ModelConfig) -> bool:
+    """`auto` for a Caffe net with no pycaffe here (no `import caffe`, no pycaffe_command):
+    runtimes/auto.py measures the engines and serves the fastest faithful one."""
+    if config.runtime != "auto" or config.format != "caffe":
+        return False
+    return not (_importable("caffe") or config.options.get("pycaffe_command"))
 
 
 def runtime_class(name: str) -> type[Runtime]:
@@ -63,12 +69,11 @@ def runtime_class(name: str) -> type[Runtime]:
 def load_runtime(config: ModelConfig) -> Runtime:
     """Load the model of `config` with the runtime it names (or `auto` resolves to)."""
     check_option_keys(config)  # a misspelt option stops start-up before any engine loads
-    name = resolve_runtime(config)
-    if config.runtime == "auto" and config.format == "caffe" and name != "pycaffe":
+    if _measured_by_auto(config):
         from .auto import load_fastest
 
         return load_fastest(config, _load_named)
-    return _load_named(config, name)
+    return _load_named(config, resolve_runtime(config))
 
 
 def _load_named(config: ModelConfig, name: str) -> Runtime:

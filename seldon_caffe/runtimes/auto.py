@@ -86,7 +86,7 @@ class Choice:
 
     runtime: str
     batch: int
-    timings_ms: dict[str, float]  # median time of one run, per engine that qualified
+    timings_ms: dict[str, float]  # one run's time (_time), per engine that was timed
     excluded: dict[str, str]  # engine -> why it was not a candidate
     cpu: str
     measured: str  # when (ISO 8601)
@@ -110,9 +110,8 @@ def resolve(config: ModelConfig) -> str:
     cached = cached_choice(config)
     if cached is not None:
         return cached.runtime
-    candidates, excluded = _candidates(config)
-    ranked = [name for name in LIKELY_ORDER if name in candidates] or [n for n in LIKELY_ORDER if n in excluded]
-    return ranked[0] if ranked else "opencv"
+    candidates, _ = _candidates(config)
+    return next((name for name in LIKELY_ORDER if name in candidates), "opencv")
 
 
 def likely(config: ModelConfig, engines: Iterable[str]) -> str:
@@ -148,13 +147,11 @@ def load_fastest(config: ModelConfig, load: Loader) -> Runtime:
         log.debug("runtime auto: %s for %s (%s)", cached.runtime, config.name, cached.summary())
         return load(config, cached.runtime)
     candidates, excluded = _candidates(config)
-    if not candidates:  # every installed engine has a gap: serve as before, and inspect warns
-        candidates = [name for name in CANDIDATES if name in excluded and name in _installed()][:1]
-        if not candidates:
-            raise ModelLoadError(
-                f"{config.source}: runtime auto: none of {', '.join(CANDIDATES)} is installed "
-                "(pip install 'seldon-caffe[openvino]' or 'seldon-caffe[onnx]')"
-            )
+    if not candidates:
+        raise ModelLoadError(
+            f"{config.source}: runtime auto: none of {', '.join(CANDIDATES)} is installed "
+            "(pip install 'seldon-caffe[openvino]' or 'seldon-caffe[onnx]')"
+        )
     choice, runtime = _measure(config, candidates, excluded, load)
     log.info("runtime auto: %s for %s (%s)", choice.runtime, config.name, choice.summary())
     _store(config, key, choice)
@@ -166,16 +163,15 @@ def _measure(
 ) -> tuple[Choice, Runtime]:
     batch = timing_batch(config)
     loaded: dict[str, Runtime] = {}
-    errors: dict[str, SeldonCaffeError] = {}
+    first_error: SeldonCaffeError | None = None
     for name in candidates:
         try:
             loaded[name] = load(dataclasses.replace(config, runtime=name), name)
         except SeldonCaffeError as exc:  # not installed right, cannot run this precision...
-            errors[name] = exc
+            first_error = first_error or exc
             excluded[name] = first_line(exc, 300)
-    if not loaded:
-        first = next(iter(errors.values()))
-        raise first
+    if first_error is not None and not loaded:
+        raise first_error
     try:
         feed = _random_feed(next(iter(loaded.values())), batch)
         timings: dict[str, float] = {}
@@ -273,7 +269,8 @@ def _random_feed(runtime: Runtime, batch: int) -> dict[str, np.ndarray] | None:
 
 
 def _candidates(config: ModelConfig) -> tuple[list[str], dict[str, str]]:
-    """(installed engines with no known gap for the net, {engine: why not} for the rest)."""
+    """(installed engines with no known gap for the net, {engine: why not} for the rest).
+    When that leaves none, the first installed engine all the same (inspect warns of its gaps)."""
     from ..caffe import read_prototxt, upgrade_net
     from .gaps import find_gaps
 
@@ -295,6 +292,8 @@ def _candidates(config: ModelConfig) -> tuple[list[str], dict[str, str]]:
             excluded[name] = f"layer {layer} ({kind}): {reason}"
         else:
             candidates.append(name)
+    if not candidates:  # every installed engine is ruled out: the first serves, as before auto measured
+        candidates = [name for name in CANDIDATES if name in installed][:1]
     return candidates, excluded
 
 
