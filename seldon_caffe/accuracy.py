@@ -29,6 +29,7 @@ from .config import ModelConfig
 from .errors import SeldonCaffeError, first_line
 from .hooks import request_context
 from .pipeline import Pipeline
+from .quantize import read_sample
 from .runtimes import Runtime, load_runtime, resolve_runtime
 
 Feed = dict[str, np.ndarray]
@@ -50,7 +51,7 @@ class Variant:
 
 def precision_report(
     model_dir: str | Path, samples_dir: Path, runtime: str | None = None, limit: int = DEFAULT_SAMPLES
-):
+) -> dict[str, Any]:
     """{"samples": n, "reference": fp32 Variant, "variants": [Variant...]} for `inspect --accuracy`."""
     pipeline = Pipeline.load(model_dir, runtime)
     try:
@@ -145,16 +146,14 @@ def _run(model: Runtime, feeds: list[Feed], variant: Variant) -> list[Outputs]:
 
 def _feed(file: Path, pipeline: Pipeline) -> Feed:
     """A sample file as the model's inputs: arrays as they are, payloads through preprocess."""
+    model = pipeline.model
     try:
-        if file.suffix == ".npz":
-            with np.load(file, allow_pickle=False) as loaded:
-                arrays: Any = {key: loaded[key] for key in loaded.files}
-        elif file.suffix == ".npy":
-            arrays = np.load(file, allow_pickle=False)
+        if file.suffix in (".npy", ".npz"):  # read as `quantize` reads its calibration files
+            arrays: Any = read_sample(file, {spec.name: spec.shape for spec in model.inputs})
         else:
             payload = _payload(file)
             arrays = pipeline.hooks.preprocess(payload, request_context(pipeline.context, payload, None, None))
-        return pipeline.model.check_inputs(_with_batch_axis(arrays, pipeline.model))
+        return model.check_inputs(arrays)
     except (SeldonCaffeError, OSError, ValueError) as exc:
         raise SeldonCaffeError(f"sample {file}: {exc}") from None
 
@@ -165,16 +164,6 @@ def _payload(file: Path) -> Any:
     if file.suffix == ".txt":
         return file.read_text()
     return file.read_bytes()
-
-
-def _with_batch_axis(arrays: Any, model: Runtime) -> Any:
-    """A single item (one dim short of the input) gets its batch axis, as `quantize` allows."""
-    ranks = {spec.name: len(spec.shape) for spec in model.inputs}
-    if isinstance(arrays, dict):
-        return {k: (v[None] if np.ndim(v) == ranks.get(k, 0) - 1 else v) for k, v in arrays.items()}
-    if len(ranks) == 1 and np.ndim(arrays) == next(iter(ranks.values())) - 1:
-        return np.asarray(arrays)[None]
-    return arrays
 
 
 def format_report(report: dict[str, Any]) -> str:

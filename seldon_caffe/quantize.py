@@ -93,22 +93,23 @@ def load_samples(directory: Path, inputs: dict[str, tuple[int, ...]], limit: int
     files = sorted(p for p in Path(directory).glob("*") if p.suffix in (".npy", ".npz"))[:limit]
     if not files:
         raise SeldonCaffeError(f"{directory}: no .npy or .npz files to calibrate with")
-    samples = []
-    for file in files:
-        if file.suffix == ".npy":
-            if len(inputs) != 1:
-                raise SeldonCaffeError(
-                    f"{file}: the model has inputs {', '.join(inputs)}; use .npz files keyed by them"
-                )
-            arrays = {next(iter(inputs)): np.load(file)}
-        else:
-            with np.load(file) as npz:
-                arrays = {key: npz[key] for key in npz.files}
-        missing = sorted(set(inputs) - set(arrays))
-        if missing:
-            raise SeldonCaffeError(f"{file}: no array for input {missing[0]!r}")
-        samples.append({name: _batched(arrays[name], shape, file) for name, shape in inputs.items()})
-    return samples
+    return [read_sample(file, inputs) for file in files]
+
+
+def read_sample(file: Path, inputs: dict[str, tuple[int, ...]]) -> Sample:
+    """One input set from a .npy file (a single-input model's) or a .npz file (one array per
+    input name), each array given its batch axis if it has none."""
+    if file.suffix == ".npy":
+        if len(inputs) != 1:
+            raise SeldonCaffeError(f"{file}: the model has inputs {', '.join(inputs)}; use .npz files keyed by them")
+        arrays = {next(iter(inputs)): np.load(file)}
+    else:
+        with np.load(file) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    missing = sorted(set(inputs) - set(arrays))
+    if missing:
+        raise SeldonCaffeError(f"{file}: no array for input {missing[0]!r}")
+    return {name: _batched(arrays[name], shape, file) for name, shape in inputs.items()}
 
 
 def _batched(array: np.ndarray, shape: tuple[int, ...], source: Path) -> np.ndarray:
