@@ -57,7 +57,11 @@ def has_vnni() -> bool:
     return has("avx512_vnni", "avx_vnni")
 
 
+def cores() -> int:
+    """The cores this process may run on (its affinity, which a container may narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def describe() -> str:
     """One line for a benchmark table or a log: model, cores we may use, the flags that matter."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model()} ({cores} cores; {' '.join(flags()) or 'none of ' + ', '.join(FLAGS_THAT_MATTER)})"
+    return f"{model()} ({cores()} cores; {' '.join(flags()) or 'none of ' + ', '.join(FLAGS_THAT_MATTER)})"

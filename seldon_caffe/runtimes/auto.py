@@ -330,7 +330,7 @@ def _cache_key(config: ModelConfig) -> str:
         "options": config.options,
         "batch": timing_batch(config),
         "engines": _installed(),
-        "cpu": [cpu.model(), cpu.flags(), len(os.sched_getaffinity(0))],
+        "cpu": [cpu.model(), cpu.flags(), cpu.cores()],
     }
     digest.update(json.dumps(context, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:32]
