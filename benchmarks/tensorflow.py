@@ -204,6 +204,13 @@ def describe(case: dict[str, Any]) -> tuple[str, str, str]:
     return f"{case['engine']} (tf2onnx)", "-", f"threads={case['threads']}{precision}"
 
 
+def _tensorflow_turns_onednn_on() -> bool:
+    """TensorFlow's own rule for `onednn: auto`: on where the CPU has AVX-512 VNNI/BF16 or AMX."""
+    from seldon_caffe import cpu
+
+    return cpu.has("avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
 def report(
     results: list[tuple[dict[str, Any], dict[str, Any]]],
     command: str,
@@ -215,7 +222,7 @@ def report(
     lines = [
         "## TensorFlow on CPU (oneDNN)",
         "",
-        f"Measured {datetime.date.today().isoformat()} on {cpu}, {os.cpu_count()} cores, "
+        f"Measured {datetime.date.today().isoformat()} on {cpu}, "
         f"Python {platform.python_version()}, {_versions()}; the whole run took {seconds / 60:.1f} min, "
         f"1-minute load average {load[0]:.1f} at the start and {load[1]:.1f} at the end (the machine is shared).",
         "",
@@ -269,7 +276,9 @@ def _findings(results: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[str]
         on_b8 = [r["b8_ms"] for c, r in tf if c["onednn"]]
         off_b8 = [r["b8_ms"] for c, r in tf if not c["onednn"]]
         if on_b8 and off_b8:
-            pick = "true" if min(on_b8) < min(off_b8) else "false` (or `auto`, which is off on CPUs without AVX-512)"
+            pick = "true" if min(on_b8) < min(off_b8) else "false"
+            if pick == "false" and not _tensorflow_turns_onednn_on():
+                pick += "` (or `auto`, which leaves it off on this CPU)"
             out.append(
                 f"- Settings to use on this machine: `threads` (so `intra_op`) = its cores, `inter_op: 1`, "
                 f"`onednn: {pick}`, no OpenMP knobs; why, and for other CPUs: "

@@ -216,7 +216,7 @@ def device_name(device: str) -> str:
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
         return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}, host {cpu_model()}"
-    return f"{cpu_model()}, {os.cpu_count()} cores"
+    return cpu_model()
 
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, seconds: float, load: tuple) -> str:

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,32 @@ def test_auto_measures_every_engine_serves_the_fastest_and_caches_the_choice(tmp
     load_fastest(load_config(model_dir), _counting_loader(loaded)).close()
     assert loaded == [choice.runtime]
     assert resolve_runtime(load_config(model_dir)) == choice.runtime
+
+
+class _Paced:
+    """A stand-in engine for the timing rule alone (real engines are too noisy to order on
+    purpose): `warm_ms` per call back to back, `cold_ms` for a call after another engine ran."""
+
+    def __init__(self, warm_ms: float, cold_ms: float) -> None:
+        self.warm_s, self.cold_s, self.calls, self._last = warm_ms / 1000, cold_ms / 1000, 0, 0.0
+
+    def run(self, feed: dict) -> None:
+        back_to_back = time.perf_counter() - self._last < 0.001
+        time.sleep(self.warm_s if back_to_back else self.cold_s)
+        self.calls, self._last = self.calls + 1, time.perf_counter()
+
+
+def test_timing_runs_calls_back_to_back_and_stops_timing_a_clear_loser() -> None:
+    # slow_to_wake is the fastest under load but the slowest on a call after a pause, as
+    # OpenVINO measured on AlexNet: one call per engine per round would not pick it.
+    engines = {"steady": _Paced(2.6, 2.6), "slow_to_wake": _Paced(2, 12), "clear_loser": _Paced(12, 12)}
+    timings = auto_module._time(engines, {})  # type: ignore[arg-type]
+    assert min(timings, key=timings.__getitem__) == "slow_to_wake"
+    assert timings["slow_to_wake"] < 2.5 < timings["steady"] < 4
+    block_s = auto_module.TIMING_BUDGET_S / (auto_module.MAX_ROUNDS * len(engines))
+    # the loser ran one block; the close contender at least MIN_ROUNDS
+    assert engines["clear_loser"].calls <= auto_module.WARMUP_RUNS + block_s / 0.012 + 1
+    assert engines["steady"].calls > auto_module.WARMUP_RUNS + 1.5 * block_s / 0.0026
 
 
 def test_other_options_or_batch_size_measure_again(tmp_path: Path) -> None:

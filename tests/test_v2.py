@@ -207,8 +207,9 @@ def test_a_two_input_net_takes_named_tensors_and_answers_each_output(
 ) -> None:
     rng = np.random.default_rng(1)
     a, b = rng.random((3, 4), dtype=np.float32), rng.random((3, 4), dtype=np.float32)
-    want = Pipeline.load(siamese).model.run({"a": a, "b": b})
     request = {"inputs": [tensor_input("a", a), tensor_input("b", b)]}
+    with running_service(siamese, verbose=False) as v1:  # v1 answers several outputs as jsonData
+        want = v1_answer(v1, {"jsonData": {"a": a.tolist(), "b": b.tolist()}})
     with v2_service(siamese, no_seldon_core) as v2:
         response = infer_rest(v2, "siamese", request)
         assert response.status_code == 200, response.text
@@ -304,12 +305,17 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("case", MALFORMED)
-def test_malformed_inputs_are_400_with_what_was_expected(lenet_v1_v2: tuple, case: str) -> None:
+def test_malformed_inputs_are_400_and_invalid_argument_with_what_was_expected(lenet_v1_v2: tuple, case: str) -> None:
     _, v2 = lenet_v1_v2
     tensor, expected = MALFORMED[case]
     response = infer_rest(v2, "lenet", {"inputs": [tensor]})
     assert response.status_code == 400, response.text
     assert expected in response.json()["error"]
+    if case == "text-in-a-number-tensor":
+        return  # gRPC's typed contents (fp32_contents) cannot carry it
+    with pytest.raises(grpc.RpcError) as error:
+        infer_grpc(v2, "lenet", {"inputs": [tensor]})
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in error.value.details()
 
 
 def test_a_body_that_is_not_a_v2_request_is_a_4xx_with_json(lenet_v1_v2: tuple) -> None:
@@ -394,21 +400,27 @@ def test_metadata_matches_the_signature_and_stage_metrics_are_exported(lenet_v1_
 # -- the process ----------------------------------------------------------------------
 
 
+READY_PATHS = ("health/ready", "models/lenet/ready")
+
+
 def test_ready_only_once_setup_finished(no_seldon_core: dict[str, str], tmp_path: Path) -> None:
     hooks = "import time\n\n\ndef setup(ctx):\n    time.sleep(4)\n"
     model_dir = copy_model(EXAMPLES / "lenet", tmp_path / "lenet", hooks=hooks)
     service = start_service(model_dir, "--protocol", "v2", env=no_seldon_core)
     try:
-        seen = []
+        seen: list[tuple[int, int]] = []  # (server ready, model ready)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and 200 not in seen:
+        while time.monotonic() < deadline and (200, 200) not in seen:
             try:
-                seen.append(requests.get(f"{service.url}/v2/models/lenet/ready", timeout=5).status_code)
+                seen.append(
+                    tuple(requests.get(f"{service.url}/v2/{path}", timeout=5).status_code for path in READY_PATHS)
+                )
             except requests.ConnectionError:
                 pass
             time.sleep(0.2)
-        assert seen and seen[-1] == 200, service.log()
-        assert any(status != 200 for status in seen), f"ready before setup() finished: {seen}"
+        assert seen and seen[-1] == (200, 200), service.log()
+        answered = [pair for pair in seen if pair != (200, 200)]  # before setup() finished
+        assert answered and all(200 not in pair for pair in answered), f"ready before setup() finished: {seen}"
     finally:
         stop(service)
 

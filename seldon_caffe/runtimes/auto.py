@@ -14,12 +14,17 @@ on one machine, ONNX Runtime wins SqueezeNet on another), so it is measured, not
 3. At fp32, a candidate whose answer differs from the most trusted candidate's (first in
    CANDIDATES: our ONNX conversion is proven equal to real Caffe) by more than 1e-4
    relative drops out: a gap the table does not know yet must not be served silently.
-4. The rest run in interleaved rounds (a noisy neighbour then slows every engine alike);
-   the lowest time (lower quartile of the rounds) wins and is served, the others are closed.
+4. The rest are timed in interleaved rounds of blocks: per round, each engine runs calls
+   back to back for a short block, as under load (a single call after a pause misjudges
+   some engines: OpenVINO's threads are slow to wake). Interleaving makes a noisy neighbour
+   slow every engine alike. An engine's time is its fastest block's median (a neighbour
+   only ever adds time); one over CLEAR_LOSS times the leader's stops being timed. The
+   fastest is served, the others are closed.
 
 The choice is cached as JSON beside the ONNX conversion (MODEL_DIR/.cache/auto, else the
 user's cache), keyed by the prototxt, the caffemodel's size and modification time, the
-options, the batch size, the engines' versions, the CPU model and flags, so a second start
+options, the batch size, the engines' versions, the CPU model, flags and cores and the
+thread-count variables, so a second start
 loads only the winner and a service moved to another CPU measures again. `seldon-caffe
 inspect` shows the choice and timings.
 """
@@ -48,6 +53,7 @@ from .. import cpu
 from ..config import ModelConfig
 from ..errors import ModelLoadError, SeldonCaffeError, first_line
 from ..paths import cache_dir
+from ..threads import THREAD_VARIABLES
 from ._onnx_source import CACHE_SUBDIR
 from .base import Runtime
 
@@ -73,9 +79,10 @@ _WEIGHT_ACCESS = ("opencv",)
 _USES_WEIGHTS = re.compile(r"\b[gs]et_weights\b")
 TOLERANCE = 1e-4  # max |a - b| / max |reference|, the conformance tests' measure
 WARMUP_RUNS = 2  # after the answer compared in _drop_unfaithful, itself a first run
-MAX_ROUNDS, MIN_ROUNDS = 15, 3
-TIMING_BUDGET_S = 3.0  # rounds are cut to fit this, down to MIN_ROUNDS, for big nets
-CHOICE_VERSION = 1  # bump when the way of choosing changes: old choices are measured again
+MAX_ROUNDS, MIN_ROUNDS = 4, 2
+TIMING_BUDGET_S = 3.0  # shared by the blocks; rounds are cut to fit, down to MIN_ROUNDS, for big nets
+CLEAR_LOSS = 1.5  # an engine this many times slower than the leader after a round is out
+CHOICE_VERSION = 2  # bump when the way of choosing changes: old choices are measured again
 
 Loader = Callable[[ModelConfig, str], Runtime]
 
@@ -227,22 +234,34 @@ def relative_error(want: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> f
 
 
 def _time(loaded: dict[str, Runtime], feed: dict) -> dict[str, float]:
-    """ms of one run per engine, in interleaved rounds: the lower quartile, since a noisy
-    neighbour only ever adds time, and what it adds is not the engine's."""
+    """ms of one run per engine: the fastest block's median over interleaved rounds (step 4)."""
     for runtime in loaded.values():
         for _ in range(WARMUP_RUNS):
             runtime.run(feed)
-    samples: dict[str, list[float]] = {name: [] for name in loaded}
+    block_s = TIMING_BUDGET_S / (MAX_ROUNDS * len(loaded))
+    best = dict.fromkeys(loaded, math.inf)
+    timing = dict(loaded)
     began = time.perf_counter()
-    for done in range(MAX_ROUNDS):
-        for name, runtime in loaded.items():
-            start = time.perf_counter()
-            runtime.run(feed)
-            samples[name].append((time.perf_counter() - start) * 1000)
-        per_round = (time.perf_counter() - began) / (done + 1)
-        if done + 1 >= MIN_ROUNDS and (time.perf_counter() - began) + per_round > TIMING_BUDGET_S:
+    for done in range(1, MAX_ROUNDS + 1):
+        for name, runtime in timing.items():
+            best[name] = min(best[name], _block_ms(runtime, feed, block_s))
+        leader = min(best[name] for name in timing)
+        timing = {name: runtime for name, runtime in timing.items() if best[name] <= CLEAR_LOSS * leader}
+        elapsed = time.perf_counter() - began
+        if len(timing) == 1 or (done >= MIN_ROUNDS and elapsed + elapsed / done > TIMING_BUDGET_S):
             break
-    return {name: statistics.quantiles(values, n=4, method="inclusive")[0] for name, values in samples.items()}
+    return best
+
+
+def _block_ms(runtime: Runtime, feed: dict, seconds: float) -> float:
+    """The median ms of calls run back to back for about `seconds` (at least one call)."""
+    times: list[float] = []
+    began = time.perf_counter()
+    while not times or time.perf_counter() - began < seconds:
+        start = time.perf_counter()
+        runtime.run(feed)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
 
 
 def timing_batch(config: ModelConfig) -> int:
@@ -331,6 +350,8 @@ def _cache_key(config: ModelConfig) -> str:
         "batch": timing_batch(config),
         "engines": _installed(),
         "cpu": [cpu.model(), cpu.flags(), cpu.cores()],
+        # without options.threads, some engines size their pools from these
+        "thread_env": {name: os.environ.get(name) for name in THREAD_VARIABLES},
     }
     digest.update(json.dumps(context, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:32]
