@@ -24,9 +24,8 @@ on one machine, ONNX Runtime wins SqueezeNet on another), so it is measured, not
 The choice is cached as JSON beside the ONNX conversion (MODEL_DIR/.cache/auto, else the
 user's cache), keyed by the prototxt, the caffemodel's size and modification time, the
 options, the batch size, the engines' versions, the CPU model, flags and cores and the
-thread-count variables, so a second start
-loads only the winner and a service moved to another CPU measures again. `seldon-caffe
-inspect` shows the choice and timings.
+thread-count variables, so a second start loads only the winner and a service moved to
+another CPU measures again. `seldon-caffe inspect` shows the choice and timings.
 """
 
 from __future__ import annotations
