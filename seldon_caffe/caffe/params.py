@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from . import caffe_pb2
 from ._geometry import ConvGeometry, LayerError, Shape, canonical_axis, one_bottom, operand_shape
+from .forks import FORK_PARAM_RULES
 from .io import CaffeFormatError
 
 _ParamRule = Callable[[caffe_pb2.LayerParameter, list[Shape]], list[Shape]]
@@ -72,6 +73,7 @@ _PARAMS: dict[str, _ParamRule] = {
     "Bias": _scale_or_bias,
     "PReLU": _prelu,
     "Parameter": _parameter,
+    **FORK_PARAM_RULES,  # the forks' learned layers (seldon_caffe/caffe/forks/)
 }
 
 PARAMETRISED_LAYERS: frozenset[str] = frozenset(_PARAMS)

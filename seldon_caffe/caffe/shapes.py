@@ -26,6 +26,7 @@ from ._geometry import (
     per_axis,
     same_shapes,
 )
+from .forks import FORK_SHAPE_RULES
 from .io import CaffeFormatError
 from .upgrade import upgrade_net
 
@@ -376,6 +377,9 @@ def _memory_data(layer: caffe_pb2.LayerParameter, bottoms: list[Shape]) -> list[
 def _parameter(layer: caffe_pb2.LayerParameter, bottoms: list[Shape]) -> list[Shape]:
     return [tuple(layer.parameter_param.shape.dim)]
 
+
+# The layers of the widely used Caffe forks (SSD, Faster R-CNN, SegNet...): seldon_caffe/caffe/forks/.
+_RULES.update(FORK_SHAPE_RULES)
 
 # "Input" is resolved by the driver (it needs the caller's overrides) but is supported too.
 SUPPORTED_LAYERS: frozenset[str] = frozenset({*_RULES, "Input"})

@@ -28,7 +28,7 @@ import onnx
 from onnx import helper
 
 from ..progress import Progress
-from . import caffe_pb2, onnx_math, onnx_nn, onnx_shape  # noqa: F401 (the onnx_* modules register converters)
+from . import caffe_pb2, onnx_forks, onnx_math, onnx_nn, onnx_shape, onnx_ssd  # noqa: F401 (the onnx_* modules register converters)
 from .io import CaffeFormatError, PathLike
 from .net import CaffeNet, load_caffe_net
 from .onnx_graph import CONVERTERS, DEFAULT_OPSET, MIN_OPSET, GraphBuilder, LayerView, UnsupportedLayer, value_info
