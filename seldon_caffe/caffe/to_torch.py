@@ -33,8 +33,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .onnx_graph import value_dims
 from . import torch_ops_forks, torch_ops_ssd  # noqa: F401 (they register the fork layers' ops)
+from .onnx_graph import value_dims
 from .torch_ops import OPS, Node, TorchBuilder, UnsupportedOp
 
 __all__ = ["UnsupportedOp", "fold_affine_into_conv", "onnx_to_torch", "save_torch"]
