@@ -278,7 +278,7 @@ def inspect_command(args: argparse.Namespace) -> int:
     from .accuracy import format_report, precision_report, report_json
     from .advice import served_file, settings_warnings
     from .config import load_config
-    from .model import describe, warnings_for
+    from .model import describe, layer_table, warnings_for
     from .runtimes import resolve_runtime
 
     # Warn before loading, so a setting the runtime ignores is reported even if the load fails.
@@ -288,6 +288,7 @@ def inspect_command(args: argparse.Namespace) -> int:
         print(f"seldon-caffe: warning: {warning}", file=sys.stderr)
     info = {**describe(args.model_dir, args.runtime), "warnings": warnings}
     info["precision"] = config.options["precision"]
+    info["layers"] = layer_table(args.model_dir, args.runtime)
     info["loaded_file"] = str(served_file(config, info["runtime"]))  # e.g. the cached ONNX of a Caffe net
     report = precision_report(args.model_dir, args.accuracy, args.runtime, args.samples) if args.accuracy else None
     if args.json:
@@ -308,9 +309,19 @@ def inspect_command(args: argparse.Namespace) -> int:
             print(f"{direction[:-1]:<9} {spec['name']}: {spec['dtype']}[{dims}]")
     hooks = ", ".join(info["hooks"]) or "none (defaults)"
     print(f"hooks     {hooks}" + (f" from {info['hooks_file']}" if info["hooks_file"] else ""))
+    _print_layer_table(info["layers"])
     if report:
         print(format_report(report))
     return 0
+
+
+def _print_layer_table(table: dict[str, dict]) -> None:
+    """One line per layer type: the engines that run it, then those that do not and why."""
+    for i, (kind, row) in enumerate(table.items()):
+        engines = " ".join(row["engines"]) or "none of ours"
+        print(f"{'layers' if i == 0 else '':<9} {kind} x{row['count']}: {engines}")
+        for engine, why in row["not"].items():
+            print(f"{'':<11}not {engine}: {why}")
 
 
 def add_runtime_option(parser: argparse.ArgumentParser) -> None:

@@ -324,6 +324,26 @@ def warnings_for(model_dir: str | Path, runtime: str | None = None) -> list[str]
     return [f"{name} runtime, layer {layer} ({kind}): {reason}" for layer, kind, reason in find_gaps(name, layers)]
 
 
+def layer_table(model_dir: str | Path, runtime: str | None = None) -> dict[str, dict[str, Any]]:
+    """Per layer type of a Caffe net: how many layers, which engines run it, why the others
+    do not (runtimes/gaps.py). `inspect` prints it so a user sees who can serve a net."""
+    config = load_config(model_dir, runtime)
+    if config.format != "caffe":
+        return {}
+    from .caffe import read_prototxt, upgrade_net
+    from .runtimes.gaps import layer_support
+
+    kinds = [layer.type for layer in upgrade_net(read_prototxt(config.files["prototxt"])).layer]
+    table = {}
+    for kind, engines in layer_support(kinds).items():
+        table[kind] = {
+            "count": kinds.count(kind),
+            "engines": [engine for engine, why in engines.items() if why is None],
+            "not": {engine: why for engine, why in engines.items() if why is not None},
+        }
+    return table
+
+
 def _wrong_method(exc: HTTPException) -> HTTPException:
     """Seldon's Flask app serves static files at every GET path, so GET on a POST-only route
     (/api/v1.0/predictions) comes out as 404; it is a 405 naming the method to use."""

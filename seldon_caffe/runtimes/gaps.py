@@ -61,7 +61,9 @@ _APPLIES: dict[tuple[str, str], Callable[[Any], bool]] = {
 def find_gaps(runtime: str, layers: Any) -> list[tuple[str, str, str]]:
     """(layer name, layer type, reason) for each layer `runtime` cannot serve like Caffe.
 
-    `layers` are LayerParameter messages (e.g. `CaffeNet.definition.layer`, upgraded).
+    `layers` are LayerParameter messages (e.g. `CaffeNet.definition.layer`, upgraded). Besides
+    the measured gaps, a type the engine cannot run at all counts (no ONNX form, a type we
+    do not know), so `auto` only ever weighs engines that run the whole net.
     """
     from .registry import REGISTRY
 
@@ -73,4 +75,58 @@ def find_gaps(runtime: str, layers: Any) -> list[tuple[str, str, str]]:
         applies = _APPLIES.get((runtime, layer.type))
         if reason and (applies is None or applies(layer)):
             found.append((layer.name, layer.type, reason))
+        elif not reason and (missing := _cannot_run(runtime, layer.type)):
+            found.append((layer.name, layer.type, missing))
     return found
+
+
+# The Caffe engines a layer table speaks of, in the order docs/caffe-layers.md lists them.
+CAFFE_ENGINES = ("pycaffe", "opencv", "onnxruntime", "openvino", "torch")
+
+
+def layer_support(layer_types: Any) -> dict[str, dict[str, str | None]]:
+    """{layer type: {engine: None if it runs the type like Caffe, else why not}}.
+
+    What `seldon-caffe inspect` shows per layer type of a net, and docs/caffe-layers.md per
+    type we know. A gap that depends on the layer's parameters (LRN's k on opencv) is listed
+    here whatever the parameters; `find_gaps` narrows it for a given net.
+    """
+    return {
+        kind: {engine: KNOWN_GAPS.get(engine, {}).get(kind) or _cannot_run(engine, kind) for engine in CAFFE_ENGINES}
+        for kind in dict.fromkeys(layer_types)
+    }
+
+
+def depends_on_parameters(engine: str, kind: str) -> bool:
+    """Whether `engine`'s gap for `kind` hits only some parameter values (LRN's k on opencv)."""
+    return (engine, kind) in _APPLIES
+
+
+# The engines that run a Caffe net through its ONNX conversion (torch rebuilds that ONNX).
+_CONVERTED = ("onnxruntime", "openvino", "torch")
+
+
+def _cannot_run(engine: str, kind: str) -> str | None:
+    """Why `engine` cannot run layer type `kind` at all (None: it can, or no rule says not)."""
+    from ..caffe.forks import FORK_SHAPE_RULES
+    from ..caffe.shapes import SUPPORTED_LAYERS
+
+    if engine == "pycaffe":
+        if kind in FORK_SHAPE_RULES and kind != "Python":  # real BVLC Caffe 1.0 is the pycaffe we test
+            return "not in BVLC Caffe 1.0: only in a pycaffe built from the fork that defines it (pycaffe_command)"
+        return None  # the user's own Caffe build may know any type
+    if kind not in SUPPORTED_LAYERS:
+        return "a layer type seldon-caffe does not know: serve it with runtime pycaffe and your Caffe build"
+    converted = _converted_types()
+    if engine in _CONVERTED and converted is not None and kind not in converted:
+        return "the Caffe -> ONNX converter has no form for it"
+    return None
+
+
+def _converted_types() -> set[str] | None:
+    """The layer types the ONNX converter writes (None where onnx is not installed)."""
+    try:
+        from ..caffe.to_onnx import CONVERTERS
+    except ImportError:
+        return None
+    return {*CONVERTERS, "Input", "MemoryData", "Python"}  # Python layers run between the engine's parts
