@@ -289,6 +289,7 @@ def inspect_command(args: argparse.Namespace) -> int:
     info = {**describe(args.model_dir, args.runtime), "warnings": warnings}
     info["precision"] = config.options["precision"]
     info["layers"] = layer_table(args.model_dir, args.runtime)
+    info["unknown"] = _unknown_parts(config)
     info["loaded_file"] = str(served_file(config, info["runtime"]))  # e.g. the cached ONNX of a Caffe net
     report = precision_report(args.model_dir, args.accuracy, args.runtime, args.samples) if args.accuracy else None
     if args.json:
@@ -310,6 +311,7 @@ def inspect_command(args: argparse.Namespace) -> int:
     hooks = ", ".join(info["hooks"]) or "none (defaults)"
     print(f"hooks     {hooks}" + (f" from {info['hooks_file']}" if info["hooks_file"] else ""))
     _print_layer_table(info["layers"])
+    _print_unknown(info["unknown"])
     if report:
         print(format_report(report))
     return 0
@@ -322,6 +324,25 @@ def _print_layer_table(table: dict[str, dict]) -> None:
         print(f"{'layers' if i == 0 else '':<9} {kind} x{row['count']}: {engines}")
         for engine, why in row["not"].items():
             print(f"{'':<11}not {engine}: {why}")
+
+
+def _unknown_parts(config: Any) -> dict[str, list]:
+    """What of a Caffe net our caffe.proto and shape rules do not know: the fields skipped on
+    reading (tolerant.UnknownField as dicts) and the layer types without a shape rule."""
+    if config.format != "caffe":
+        return {"fields": [], "layer_types": []}
+    from .caffe.tolerant import unknown_fields, unsupported_types
+
+    prototxt = config.files["prototxt"]
+    fields = [f._asdict() | {"text": f.describe()} for f in unknown_fields(prototxt.read_bytes())]
+    return {"fields": fields, "layer_types": unsupported_types(prototxt)}
+
+
+def _print_unknown(unknown: dict[str, list]) -> None:
+    for entry in unknown["fields"]:
+        print(f"unknown   field {entry['text']}: skipped, no Caffe fork we know defines it")
+    for kind in unknown["layer_types"]:
+        print(f"unknown   layer type {kind}: no engine here implements it (the load error says the ways forward)")
 
 
 def add_runtime_option(parser: argparse.ArgumentParser) -> None:

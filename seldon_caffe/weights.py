@@ -15,7 +15,14 @@ each layer must see its predecessors' final weights):
   biases, then W and b divided by the spread of the layer's output, which then has unit
   spread exactly (the output is linear in W and b);
 * BatchNorm: its input's own mean and variance, stored times a moving-average factor other
-  than 1, as trained nets store them; Scale, Bias and PReLU: values near their identity.
+  than 1, as trained nets store them; Scale, Bias and PReLU: values near their identity;
+  Normalize (caffe-ssd's L2 norm): a positive scale near 20, where SSD trains it; the forks'
+  BN (SegNet, PSPNet): scale near 1, small shift, and the input's own statistics, folded
+  into scale and shift for SegNet's INFERENCE mode as SegNet's compute_bn_statistics.py does.
+
+A fork layer OpenCV lacks (BN, Upsample, ...) runs through our own ONNX conversion in
+onnxruntime when that is installed, so a SegNet is measured all the way; ROIPooling's ROIs
+are random boxes on the map, with valid batch indices.
 
 This is the fill the conformance tests make inside real Caffe (caffe_oracle/reference_root.py),
 done here with our own writer. The same seed gives the same file on one machine; on another CPU
@@ -25,6 +32,7 @@ the measured spreads, and so the weights, may differ in the last bits.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -34,11 +42,12 @@ from pathlib import Path
 import numpy as np
 
 from .caffe import CaffeNet, caffe_pb2, load_caffe_net
+from .caffe.forks import FORK_SHAPE_RULES
 from .caffe.net import WeightsError
 from .errors import SeldonCaffeError, first_line
 from .paths import check_output_path
 
-NORMALISED = ("Convolution", "Deconvolution", "InnerProduct")
+NORMALISED = ("Convolution", "Deconvolution", "InnerProduct", "ConvolutionDepthwise", "DepthwiseConvolution")
 BATCH = 2  # enough for BatchNorm's statistics, small enough for any net
 
 
@@ -124,7 +133,18 @@ def _random_input(net: CaffeNet, name: str, shape: Sequence[int], rng: np.random
     embeds = [la.embed_param.input_dim for la in net.definition.layer if la.type == "Embed" and name in la.bottom]
     if embeds:
         return rng.randint(0, min(embeds), shape).astype(np.float32)
+    pools = [la for la in net.definition.layer if la.type == "ROIPooling" and la.bottom[1:2] == [name]]
+    if pools:
+        return _random_rois(net, pools[0], shape[0], rng).reshape(shape)
     return rng.standard_normal(shape).astype(np.float32)
+
+
+def _random_rois(net: CaffeNet, pool: caffe_pb2.LayerParameter, count: int, rng: np.random.RandomState) -> np.ndarray:
+    """[count, 5] boxes (batch index, x1, y1, x2, y2) inside the image ROIPooling's map covers."""
+    height, width = net.shapes[pool.bottom[0]][2:]
+    extent = np.array([width, height, width, height]) / max(pool.roi_pooling_param.spatial_scale, 1e-6)
+    corners = np.sort(rng.uniform(0, 1, (count, 2, 2)), axis=1).reshape(count, 4)[:, [0, 2, 1, 3]] * extent
+    return np.column_stack([rng.randint(0, BATCH, count), corners]).astype(np.float32)
 
 
 def _fill(
@@ -143,6 +163,8 @@ def _fill(
         pass
     if layer.type == "BatchNorm":
         arrays = _batchnorm(shapes, bottoms[0] if bottoms else None, rng)
+    elif layer.type == "BN":
+        arrays = _fork_bn(layer, shapes, bottoms[0] if bottoms else None, rng)
     else:
         arrays = [_blob(layer.type, k, shape, rng) for k, shape in enumerate(shapes)]
     arrays = [np.asarray(a, np.float32) for a in arrays]
@@ -155,6 +177,8 @@ def _blob(kind: str, index: int, shape: Sequence[int], rng: np.random.RandomStat
         return rng.uniform(0.5, 1.5, shape)
     if kind == "PReLU":
         return rng.uniform(0.05, 0.5, shape)
+    if kind == "Normalize":  # SSD starts its L2-norm scale at 20 (conv4_3_norm) and it stays near there
+        return rng.uniform(15.0, 25.0, shape)
     if index == 0 and len(shape) >= 2:
         fan_in = int(np.prod(shape[1:]))
         return rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)  # He: unit spread through a ReLU
@@ -173,9 +197,45 @@ def _batchnorm(shapes: Sequence[Sequence[int]], bottom: np.ndarray | None, rng: 
     return [mean * factor, var * factor, np.full(shapes[2], factor)]
 
 
+def _fork_bn(
+    layer: caffe_pb2.LayerParameter,
+    shapes: Sequence[Sequence[int]],
+    bottom: np.ndarray | None,
+    rng: np.random.RandomState,
+) -> list:
+    """SegNet's [scale, shift] or PSPNet's [scale, shift, mean, variance], each (1, C, 1, 1)."""
+    channels = shapes[0][1]
+    scale, shift = rng.uniform(0.5, 1.5, channels), rng.normal(0.0, 0.2, channels)
+    if bottom is not None:
+        x = np.moveaxis(bottom, 1, 0).reshape(channels, -1)
+        mean, var = x.mean(axis=1), x.var(axis=1) + 1e-2
+    else:
+        mean, var = np.zeros(channels), np.ones(channels)
+    if len(shapes) == 4:
+        arrays = [scale, shift, mean, var]
+    elif layer.bn_param.bn_mode == caffe_pb2.BNParameter.INFERENCE:  # statistics folded in
+        arrays = [scale / np.sqrt(var), shift - mean * scale / np.sqrt(var)]
+    else:
+        arrays = [scale, shift]
+    return [a.reshape(1, channels, 1, 1) for a in arrays]
+
+
 def _run_layer(net: CaffeNet, layer: caffe_pb2.LayerParameter, bottoms: list[np.ndarray]) -> list[np.ndarray]:
-    """The layer's tops, computed by a one-layer OpenCV net fed with `bottoms`."""
-    import cv2
+    """The layer's tops, computed by a one-layer OpenCV net fed with `bottoms` (or, for a
+    fork layer OpenCV lacks, by its ONNX conversion in onnxruntime, when installed)."""
+    single, values = _single_layer_net(net, layer, bottoms)
+    try:
+        return _run_in_opencv(single, layer, values)
+    except Exception:
+        if layer.type not in FORK_SHAPE_RULES or importlib.util.find_spec("onnxruntime") is None:
+            raise
+        return _run_in_onnxruntime(single, values)
+
+
+def _single_layer_net(
+    net: CaffeNet, layer: caffe_pb2.LayerParameter, bottoms: list[np.ndarray]
+) -> tuple[CaffeNet, dict[str, np.ndarray]]:
+    """The layer alone, its bottoms as inputs, with its weights; and the values to feed."""
 
     definition = caffe_pb2.NetParameter(name=layer.name)
     values = dict(zip(layer.bottom, bottoms, strict=True))  # a blob read twice is fed once
@@ -190,9 +250,25 @@ def _run_layer(net: CaffeNet, layer: caffe_pb2.LayerParameter, bottoms: list[np.
         single.set_weights(layer.name, net.get_weights(layer.name))
     except WeightsError:
         pass  # learns nothing
+    return single, values
+
+
+def _run_in_opencv(single: CaffeNet, layer: caffe_pb2.LayerParameter, values: dict) -> list[np.ndarray]:
+    import cv2
+
     model = bytearray(single.caffemodel_bytes())
     cv_net = cv2.dnn.readNetFromCaffe(bytearray(single.prototxt_bytes()), model)  # type: ignore[call-overload]  # buffers: cv2 stubs know only str and arrays
     for name, value in values.items():
         cv_net.setInput(np.ascontiguousarray(value, np.float32), name)
     outputs = cv_net.forwardAndRetrieve([layer.name])[0]
     return [np.asarray(o, np.float32) for o in outputs]
+
+
+def _run_in_onnxruntime(single: CaffeNet, values: dict) -> list[np.ndarray]:
+    import onnxruntime
+
+    from .caffe.to_onnx import caffe_to_onnx
+
+    model = caffe_to_onnx(single)  # at the values' own shapes: the single net declares them
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [np.asarray(o, np.float32) for o in session.run(None, values)]

@@ -15,7 +15,7 @@ from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
 from ..errors import ModelLoadError
-from . import _wire, caffe_pb2
+from . import _wire, caffe_pb2, tolerant
 
 PathLike = str | os.PathLike[str]
 
@@ -30,8 +30,11 @@ class CaffeFormatError(ModelLoadError):
 def parse_prototxt(text: str | bytes, source: str = "<prototxt>") -> caffe_pb2.NetParameter:
     """Parse prototxt text into a NetParameter, exactly as written (no upgrade).
 
-    A syntax error becomes "SOURCE:LINE:COLUMN: what protobuf says", the form editors and
-    terminals turn into a link to the offending spot.
+    Fields (and enum values) that our caffe.proto lacks - a fork we do not know - are
+    skipped with a warning logged once per file (`tolerant.unknown_fields` lists them), so
+    that they do not stop a model whose engine can do without them. A syntax error becomes
+    "SOURCE:LINE:COLUMN: what protobuf says", the form editors and terminals turn into a
+    link to the offending spot.
     """
     if isinstance(text, bytes):
         try:
@@ -41,8 +44,20 @@ def parse_prototxt(text: str | bytes, source: str = "<prototxt>") -> caffe_pb2.N
     net = caffe_pb2.NetParameter()
     try:
         text_format.Parse(text, net)
+        return net
+    except text_format.ParseError as exc:
+        first = exc
+    scanned = tolerant.scan(text)
+    if scanned.complete and not scanned.fields:  # nothing unknown: a plain error
+        raise CaffeFormatError(_describe_parse_error(first, source))
+    # Where the scanner stopped (a syntax error, or syntax it does not follow), protobuf's
+    # own skipping gets past any unknown field after that point and finds the real error.
+    net = caffe_pb2.NetParameter()
+    try:
+        text_format.Parse(scanned.text, net, allow_unknown_field=not scanned.complete)
     except text_format.ParseError as exc:
         raise CaffeFormatError(_describe_parse_error(exc, source)) from None
+    tolerant.warn_once(scanned.fields, source, text, first=_describe_parse_error(first, source))
     return net
 
 

@@ -23,11 +23,12 @@ from .io import (
     caffemodel_weights,
     format_prototxt,
     parse_caffemodel,
+    parse_prototxt,
     read_bytes,
-    read_prototxt,
 )
 from .params import param_shapes
 from .shapes import infer_shapes
+from .tolerant import unknown_fields
 from .upgrade import upgrade_net
 
 
@@ -47,11 +48,23 @@ class LayerInfo(NamedTuple):
 
 
 def load_caffe_net(prototxt_path: PathLike, weights_path: PathLike | None = None) -> CaffeNet:
-    """Read, upgrade and check a prototxt and (optionally) its caffemodel."""
-    definition = read_prototxt(prototxt_path)
+    """Read, upgrade and check a prototxt and (optionally) its caffemodel.
+
+    When the net fails its checks after fields unknown to us were skipped, the error lists
+    them: a misplaced or misspelt field is the likelier cause than a fork's extra setting.
+    """
+    text = read_bytes(prototxt_path, "prototxt")
+    definition = parse_prototxt(text, source=os.fspath(prototxt_path))
     weights = read_bytes(weights_path, "caffemodel") if weights_path is not None else None
     weights_source = os.fspath(weights_path) if weights_path is not None else "<caffemodel>"
-    return CaffeNet(definition, weights, source=os.fspath(prototxt_path), weights_source=weights_source)
+    try:
+        return CaffeNet(definition, weights, source=os.fspath(prototxt_path), weights_source=weights_source)
+    except CaffeFormatError as exc:
+        skipped = unknown_fields(text)
+        if not skipped:
+            raise
+        listed = "; ".join(f.describe() for f in skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
+        raise CaffeFormatError(f"{exc} (skipped on reading, as fields our caffe.proto lacks: {listed})") from None
 
 
 class CaffeNet:
@@ -199,10 +212,15 @@ class CaffeNet:
 
 
 def _net_outputs(net: caffe_pb2.NetParameter) -> list[str]:
-    """Blobs that no later layer reads, in the order of their last production."""
+    """Blobs that no later layer reads, in the order of their last production.
+
+    A Silence layer does not count as a reader: it only tells Caffe the blob is unused on
+    purpose, and deploy files use it on their very answer (colorization's class8_ab, which
+    OpenCV's sample reads by name). Caffe's own net.outputs leaves such a blob out.
+    """
     available: dict[str, None] = {}
     for layer in net.layer:
-        for name in layer.bottom:
+        for name in layer.bottom if layer.type != "Silence" else ():
             available.pop(name, None)
         for name in layer.top:
             available.pop(name, None)

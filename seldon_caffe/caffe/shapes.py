@@ -9,6 +9,7 @@ the layer: a server must refuse at start-up a net it cannot describe.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from itertools import pairwise
@@ -28,6 +29,7 @@ from ._geometry import (
 )
 from .forks import FORK_SHAPE_RULES
 from .io import CaffeFormatError
+from .tolerant import WAYS_FORWARD
 from .upgrade import upgrade_net
 
 _Rule = Callable[[caffe_pb2.LayerParameter, list[Shape]], list[Shape]]
@@ -90,10 +92,14 @@ _TRAINING_LAYERS = ("Data", "ImageData", "HDF5Data", "WindowData", "Accuracy", "
 
 
 def _hint(layer_type: str) -> str:
-    """What to do about an unsupported type: training layers mean a train_val file was given."""
+    """What to do about an unsupported type: training layers mean a train_val file was given;
+    any other type gets the three ways to serve it anyway (and a near name, if it is a typo)."""
     if any(layer_type.endswith(kind) for kind in _TRAINING_LAYERS):
         return "; it is a training layer: serve the deploy prototxt, whose inputs are Input layers"
-    return f"; supported: {', '.join(sorted(SUPPORTED_LAYERS))}"
+    known = {name.lower(): name for name in SUPPORTED_LAYERS}
+    close = difflib.get_close_matches(layer_type.lower(), known, n=1, cutoff=0.8)
+    typo = f" (a typo for {known[close[0]]!r}?)" if close else ""
+    return f"{typo}; {WAYS_FORWARD}"
 
 
 def _input(layer: caffe_pb2.LayerParameter, overrides: Mapping[str, Shape]) -> list[Shape]:
@@ -157,7 +163,7 @@ def _pooling(layer: caffe_pb2.LayerParameter, bottoms: list[Shape]) -> list[Shap
         raise LayerError("kernel size and stride must be positive")
     if any(pad) and (p.pool == p.STOCHASTIC or any(pd >= k for pd, k in zip(pad, kernel, strict=True))):
         raise LayerError("padding needs MAX or AVE pooling and a pad smaller than the kernel")
-    rounding = math.floor if p.round_mode == p.FLOOR else math.ceil
+    rounding = math.ceil if _pools_with_ceil(p) else math.floor
     pooled = []
     for size, k, s, pd in zip(shape[2:], kernel, stride, pad, strict=True):
         out = int(rounding((size + 2 * pd - k) / s)) + 1
@@ -169,6 +175,16 @@ def _pooling(layer: caffe_pb2.LayerParameter, bottoms: list[Shape]) -> list[Shap
     if len(layer.top) != 1 and not (len(layer.top) == 2 and p.pool == p.MAX):
         raise LayerError("has one top (and a mask top for MAX pooling)")
     return [(shape[0], shape[1], *pooled)] * len(layer.top)
+
+
+def _pools_with_ceil(p: caffe_pb2.PoolingParameter) -> bool:
+    """BVLC's round_mode (CEIL by default) or the forks' ceil_mode (PR #3057: false = FLOOR)."""
+    ceil = p.round_mode == p.CEIL
+    if p.HasField("ceil_mode"):
+        if p.HasField("round_mode") and p.ceil_mode != ceil:
+            raise LayerError("round_mode and ceil_mode disagree; set one of them")
+        ceil = p.ceil_mode
+    return ceil
 
 
 @_rule("InnerProduct")

@@ -8,7 +8,13 @@ per-family converters in `onnx_nn.py`, `onnx_math.py` and `onnx_shape.py`. Promi
   and its type (never a silent approximation);
 * graph inputs and outputs carry the Caffe blob names, and an in-place blob's final value
   carries its Caffe name (see `onnx_graph.py`);
-* the batch dimension is symbolic ("N") by default, or fixed with `batch=N`;
+* the batch dimension is symbolic ("N") by default, or fixed with `batch=N`; every other
+  dimension is the one the net has at its declared input shapes, or at `input_shapes`
+  (Caffe reshapes per call, but pooling's end padding, window divisors, Reshape dims... are
+  baked in here, so a net served at several sizes is converted once per size);
+* the graph outputs are the net's outputs (`CaffeNet.outputs`), or any blobs named in
+  `outputs=` (an intermediate blob is exposed as it is after its last in-place layer, as
+  Caffe's `net.blobs[name]` holds it);
 * the model passes `onnx.checker`.
 
 `CONVERTER_VERSION` is part of the conversion cache key (`runtimes/_onnx_source.py`): bump
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -29,6 +35,7 @@ from onnx import helper
 
 from ..progress import Progress
 from . import caffe_pb2, onnx_forks, onnx_math, onnx_nn, onnx_shape, onnx_ssd  # noqa: F401 (the onnx_* modules register converters)
+from .forks.ssd import DATA_DEPENDENT_DIMS
 from .io import CaffeFormatError, PathLike
 from .net import CaffeNet, load_caffe_net
 from .onnx_graph import CONVERTERS, DEFAULT_OPSET, MIN_OPSET, GraphBuilder, LayerView, UnsupportedLayer, value_info
@@ -61,6 +68,8 @@ def caffe_to_onnx(
     *,
     opset: int = DEFAULT_OPSET,
     batch: int | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    outputs: Sequence[str] | None = None,
     progress: bool | None = None,
     stream: TextIO | None = None,
 ) -> onnx.ModelProto:
@@ -68,11 +77,16 @@ def caffe_to_onnx(
 
     `batch=None` makes the batch dimension symbolic; a net whose layers fix the batch size
     (e.g. a Reshape that spells it out) then raises CaffeFormatError asking for `batch=N`.
-    `progress` draws a bar on `stream` (stderr): None = only when it is a terminal.
+    `input_shapes` {input: shape} converts for those sizes instead of the declared ones (the
+    first dim is ignored: the batch follows `batch`); `outputs` names the blobs to expose
+    (default: `net.outputs`). `progress` draws a bar on `stream` (stderr): None = only when
+    it is a terminal.
     """
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ValueError(f"opset {opset} is not supported; use {MIN_OPSET}..{onnx.defs.onnx_opset_version()}")
-    shapes, dims = _shapes_and_dims(net, batch)
+    shapes, dims = _shapes_and_dims(net, batch, input_shapes)
+    _free_data_dependent_dims(net, dims)
+    answers = _graph_outputs(net, shapes, outputs)
     layers = list(net.definition.layer)
     last_writer = {top: i for i, layer in enumerate(layers) for top in layer.top}
     graph_inputs = [top for layer in layers if layer.type in _INPUT_LAYERS for top in layer.top]
@@ -107,7 +121,7 @@ def caffe_to_onnx(
         g.nodes,
         net.definition.name or Path(net.source).stem,
         inputs=[value_info(name, dims[name]) for name in graph_inputs],
-        outputs=[value_info(current[name], dims[name]) for name in net.outputs],
+        outputs=[value_info(current[name], dims[name]) for name in answers],
         initializer=g.initializers,
     )
     opsets = [helper.make_opsetid("", opset)]
@@ -131,6 +145,12 @@ def convert_files(
 ) -> onnx.ModelProto:
     """Convert a prototxt + caffemodel pair and write the ONNX file (atomically)."""
     model = caffe_to_onnx(load_caffe_net(prototxt, weights), opset=opset, batch=batch, progress=progress)
+    write_onnx(model, output)
+    return model
+
+
+def write_onnx(model: onnx.ModelProto, output: PathLike) -> None:
+    """Save `model` atomically: a reader never sees a half-written file (the runtimes' cache)."""
     output = Path(output)
     partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
     try:
@@ -138,7 +158,21 @@ def convert_files(
         os.replace(partial, output)
     finally:
         partial.unlink(missing_ok=True)
-    return model
+
+
+def _graph_outputs(net: CaffeNet, shapes: Mapping[str, Shape], outputs: Sequence[str] | None) -> list[str]:
+    """The blobs to expose: `outputs` (checked to be blobs some layer writes: a graph output
+    cannot carry a graph input's name), else the net's outputs."""
+    if outputs is None:
+        return list(net.outputs)
+    written = {top for layer in net.definition.layer if layer.type not in _INPUT_LAYERS for top in layer.top}
+    unknown = [name for name in outputs if name not in written]
+    if unknown:
+        raise CaffeFormatError(
+            f"{net.source}: no layer writes a blob named {unknown[0]!r}; the blobs layers write are "
+            f"{', '.join(b for b in shapes if b in written)}"
+        )
+    return list(dict.fromkeys(outputs))
 
 
 def _weights(net: CaffeNet, layer: caffe_pb2.LayerParameter) -> list[np.ndarray]:
@@ -151,14 +185,16 @@ def _weights(net: CaffeNet, layer: caffe_pb2.LayerParameter) -> list[np.ndarray]
         raise CaffeFormatError(f"{net.source}: {exc}") from None
 
 
-def _shapes_and_dims(net: CaffeNet, batch: int | None) -> tuple[dict[str, Shape], dict[str, list[int | str | None]]]:
+def _shapes_and_dims(
+    net: CaffeNet, batch: int | None, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> tuple[dict[str, Shape], dict[str, list[int | str | None]]]:
     """Blob shapes to convert with, and the declared dims of every blob for the graph signature.
 
     With a symbolic batch, shapes are inferred at two batch sizes: a dim equal to the batch
     both times is the batch ("N"), one that changes otherwise is unknown (None), and one that
     stays is fixed. A net that cannot take a second batch size is reported, not guessed at.
     """
-    inputs = _input_shapes(net)
+    inputs = _input_shapes(net, input_shapes)
     if batch is not None:
         if batch < 1:
             raise ValueError(f"batch must be positive, got {batch}")
@@ -172,7 +208,16 @@ def _shapes_and_dims(net: CaffeNet, batch: int | None) -> tuple[dict[str, Shape]
             "convert with a fixed batch (--batch N)"
         ) from None
     dims = {name: [_dim(a, b) for a, b in zip(one[name], two[name], strict=True)] for name in one}
-    return net.shapes, dims
+    return (infer_shapes(net.definition, inputs) if input_shapes else net.shapes), dims
+
+
+def _free_data_dependent_dims(net: CaffeNet, dims: dict[str, list[int | str | None]]) -> None:
+    """Axes whose size only the data decides (DetectionOutput's rows) are unknown (None) in
+    the signature, whatever placeholder size the shape rules give them."""
+    for layer in net.definition.layer:
+        for index, axes in DATA_DEPENDENT_DIMS.get(layer.type, {}).items():
+            for axis in axes:
+                dims[layer.top[index]][axis] = None
 
 
 def _dim(at_one: int, at_two: int) -> int | str | None:
@@ -181,6 +226,11 @@ def _dim(at_one: int, at_two: int) -> int | str | None:
     return BATCH_DIM if (at_one, at_two) == (1, 2) else None
 
 
-def _input_shapes(net: CaffeNet) -> Mapping[str, Shape]:
-    """The tops whose batch size a caller may choose (MemoryData's is fixed by its batch_size)."""
-    return {top: net.shapes[top] for layer in net.definition.layer if layer.type == "Input" for top in layer.top}
+def _input_shapes(net: CaffeNet, sizes: Mapping[str, Sequence[int]] | None = None) -> Mapping[str, Shape]:
+    """The tops whose batch size a caller may choose (MemoryData's is fixed by its batch_size),
+    at their declared shapes or, batch aside, at `sizes`."""
+    declared = {top: net.shapes[top] for layer in net.definition.layer if layer.type == "Input" for top in layer.top}
+    unknown = sorted(set(sizes or ()) - set(declared))
+    if unknown:
+        raise CaffeFormatError(f"{net.source}: no input named {unknown[0]!r}; the inputs are {', '.join(declared)}")
+    return {top: (shape[0], *(sizes or {}).get(top, shape)[1:]) for top, shape in declared.items()}

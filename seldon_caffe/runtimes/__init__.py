@@ -7,6 +7,9 @@ Which runtimes there are is the registry's (registry.py): each runtime declares 
 formats, whether `auto` may choose it, its install hint and its options class (options.py),
 without importing its engine; the built-ins do in builtin.py, other packages through the
 `seldon_caffe.runtimes` entry point group. REGISTRY maps a name to that declaration.
+
+A Caffe net need not come from a model directory: `load_caffe_runtime` serves a CaffeNet
+built in memory (a part of a net cut at its Python layers, say) on any Caffe runtime.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from .options import Options
 from .registry import REGISTRY, RuntimeSpec, check_option_keys, declaration, default_runtime, register_runtime
 
 if TYPE_CHECKING:  # not imported at run time: config.py imports the registry from here
+    from collections.abc import Mapping, Sequence
+
+    from ..caffe import CaffeNet
     from ..config import ModelConfig
 
 __all__ = [
@@ -29,6 +35,7 @@ __all__ = [
     "Runtime",
     "RuntimeSpec",
     "TensorSpec",
+    "load_caffe_runtime",
     "load_runtime",
     "register_runtime",
     "resolve_runtime",
@@ -76,6 +83,32 @@ def load_runtime(config: ModelConfig) -> Runtime:
     return _load_named(config, resolve_runtime(config))
 
 
+def load_caffe_runtime(
+    name: str,
+    config: ModelConfig,
+    net: CaffeNet,
+    inputs: Mapping[str, Sequence[int]] | None = None,
+    outputs: Sequence[str] | None = None,
+) -> Runtime:
+    """Serve `net` (a CaffeNet with weights, made in memory) with Caffe runtime `name`
+    (opencv, onnxruntime, openvino, torch, pycaffe) and `config`'s options (threads,
+    precision, device, shape_cache...; its inputs, outputs and files are not used).
+
+    `inputs` {input: shape} fixes (a number) or frees (-1) input dims, and its numbers are
+    the warm-up size; by default the net decides which dims are free, as for a model
+    directory (runtimes/caffe_model.py). `outputs`: the blobs to answer, any of the net's
+    (default: its unconsumed tops). The runtime takes any size the net accepts, converting
+    per input shape where its engine needs that, and its conversions stay in memory.
+    """
+    from .caffe_model import CaffeModel
+
+    config = replace(config, inputs=None, outputs=None)
+    options = declaration(name).options.from_config(config)
+    runtime = runtime_class(name)(config, caffe=CaffeModel.from_net(net, inputs, outputs))  # type: ignore[call-arg]
+    runtime.allow_non_finite = options.allow_non_finite
+    return runtime
+
+
 def _load_named(config: ModelConfig, name: str) -> Runtime:
     options = declaration(name).options.from_config(config)  # checked before the engine is imported
     runtime = runtime_class(name)(config)
@@ -85,7 +118,9 @@ def _load_named(config: ModelConfig, name: str) -> Runtime:
 
 
 def _apply_signature_overrides(runtime: Runtime, config: ModelConfig) -> None:
-    """model.yaml's inputs/outputs refine what the runtime found (e.g. a fixed batch size)."""
+    """model.yaml's inputs/outputs refine what the runtime found (e.g. a fixed batch size).
+    For a Caffe net, `outputs` selects: the runtimes answer exactly the blobs it names, in
+    its order (any blob of the net: runtimes/caffe_model.py)."""
     for key in ("inputs", "outputs"):
         overrides = getattr(config, key)
         if not overrides:
@@ -95,7 +130,8 @@ def _apply_signature_overrides(runtime: Runtime, config: ModelConfig) -> None:
             name = override["name"]
             if name not in specs:
                 raise ModelLoadError(
-                    f"{config.source}: field '{key}': the model has no {key[:-1]} {name!r}; it has {', '.join(specs)}"
+                    f"{config.source}: field '{key}': the model has no {key[:-1]} {name!r}; "
+                    f"it has {', '.join(specs) or 'none'}"
                 )
             spec = specs[name]
             specs[name] = replace(
@@ -103,6 +139,8 @@ def _apply_signature_overrides(runtime: Runtime, config: ModelConfig) -> None:
                 dtype=override.get("dtype", spec.dtype),
                 shape=tuple(override.get("shape", spec.shape)),
             )
+        if key == "outputs" and config.format == "caffe":
+            specs = {override["name"]: specs[override["name"]] for override in overrides}
         setattr(runtime, key, list(specs.values()))
 
 

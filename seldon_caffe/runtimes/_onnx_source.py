@@ -1,12 +1,15 @@
 """The ONNX file the onnxruntime and openvino runtimes load, whatever the model directory holds.
 
 * `format: onnx` -> the user's file, as is.
-* `format: caffe` -> converted on load (seldon_caffe.caffe.to_onnx) and cached as
-  `MODEL_DIR/.cache/onnx/<key>.onnx`, where the key hashes the prototxt and caffemodel bytes
-  and the converter version: editing either file, or upgrading the converter, converts
-  again; restarting a server does not. A read-only model directory (a mounted volume, a
-  Seldon storage initializer's output) falls back to the user's cache directory. The
-  user's own files are never written.
+* `format: caffe` -> converted on load (seldon_caffe.caffe.to_onnx) at the net's warm-up
+  input shapes (runtimes/caffe_model.py) and cached as `MODEL_DIR/.cache/onnx/<key>.onnx`,
+  where the key hashes the prototxt and caffemodel bytes, the converter version, those
+  shapes and the blobs answered: editing either file or model.yaml's inputs / outputs, or
+  upgrading the converter, converts again; restarting a server does not. A read-only model
+  directory (a mounted volume, a Seldon storage initializer's output) falls back to the
+  user's cache directory. The user's own files are never written. Other input sizes a
+  request brings are converted in memory (runtimes/per_shape.py), never written: a client
+  choosing sizes must not be able to fill a disk.
 * `precision: int8` -> the quantized model `seldon-caffe quantize` wrote, found beside the
   model file under the name `int8_model_path` gives (see there), never made implicitly:
   calibration needs data only the user has.
@@ -24,6 +27,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError, ModelLoadError
 from ..paths import cache_dir
 from .base import TensorSpec
+from .caffe_model import CaffeModel
 
 logger = logging.getLogger(__name__)
 
@@ -76,16 +80,20 @@ def int8_model_path(config: ModelConfig, must_exist: bool = False) -> Path:
     return path
 
 
-def converted_caffe_model(config: ModelConfig) -> Path:
-    """The cached ONNX conversion of the config's Caffe files, converting on a miss."""
+def converted_caffe_model(config: ModelConfig, model: CaffeModel | None = None) -> Path:
+    """The cached ONNX conversion of the config's Caffe files at the warm-up shapes of
+    `model` (made from `config` when not given), converting on a miss."""
     from ..caffe.to_onnx import CONVERTER_VERSION
 
+    model = model or CaffeModel.from_config(config)
     digest = hashlib.sha256(f"seldon-caffe onnx converter {CONVERTER_VERSION}\n".encode())
     for role in ("prototxt", "weights"):
         digest.update(f"{role}\n".encode())
         with open(config.files[role], "rb") as handle:
             for chunk in iter(functools.partial(handle.read, 1 << 20), b""):
                 digest.update(chunk)
+    served = {"inputs": {name: list(shape) for name, shape in model.warm_shapes.items()}, "outputs": model.output_names}
+    digest.update(f"served\n{served}\n".encode())
     name = f"{digest.hexdigest()}.onnx"
     directories = [config.model_dir / CACHE_SUBDIR, cache_dir("onnx")]
     for directory in directories:
@@ -95,7 +103,7 @@ def converted_caffe_model(config: ModelConfig) -> Path:
     for directory in directories:
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            return _convert(config, directory / name)
+            return _convert(model, directory / name)
         except OSError as exc:  # read-only, not ours, full: try the next place
             logger.warning("cannot cache the ONNX conversion in %s (%s)", directory, exc.strerror or exc)
     raise ModelLoadError(
@@ -103,29 +111,17 @@ def converted_caffe_model(config: ModelConfig) -> Path:
     )
 
 
-def _convert(config: ModelConfig, target: Path) -> Path:
-    from ..caffe.io import CaffeFormatError
-    from ..caffe.to_onnx import convert_files
+def _convert(model: CaffeModel, target: Path) -> Path:
+    from ..caffe.to_onnx import write_onnx
 
-    prototxt, weights = config.files["prototxt"], config.files["weights"]
-    logger.debug("converting %s + %s to ONNX at %s", prototxt.name, weights.name, target)
-    try:
-        convert_files(prototxt, weights, target, progress=False)
-    except CaffeFormatError as exc:
-        if "--batch" not in str(exc):
-            raise
-        # A net that fixes its batch size converts at that size: serve it as Caffe would.
-        logger.warning("%s; converting at the declared batch size", exc)
-        convert_files(prototxt, weights, target, progress=False, batch=_declared_batch(config))
-    logger.info("cached the ONNX conversion at %s (reused until the prototxt, caffemodel or converter change)", target)
+    logger.debug("converting %s to ONNX at %s", model.source, target)
+    write_onnx(model.to_onnx(), target)
+    logger.info(
+        "cached the ONNX conversion at %s (reused until the prototxt, caffemodel, model.yaml inputs / outputs "
+        "or converter change)",
+        target,
+    )
     return target
-
-
-def _declared_batch(config: ModelConfig) -> int:
-    from ..caffe import load_caffe_net
-
-    shapes = load_caffe_net(config.files["prototxt"]).input_shapes
-    return next((shape[0] for shape in shapes.values() if shape), 1)
 
 
 def tensor_spec(name: str, dtype: str, dims: Sequence[object]) -> TensorSpec:

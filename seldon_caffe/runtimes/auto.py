@@ -274,12 +274,14 @@ def timing_batch(config: ModelConfig) -> int:
 
 
 def _random_feed(runtime: Runtime, batch: int) -> dict[str, np.ndarray] | None:
-    """Uniform [0, 1) inputs (index inputs, such as Embed's, floor to 0); None when a dim
-    other than the batch is unknown."""
+    """Uniform [0, 1) inputs (index inputs, such as Embed's, floor to 0), at the runtime's
+    example shapes where it has them (free image sizes); None when a dim other than the
+    batch is unknown."""
     rng = np.random.default_rng(0)
     feed = {}
+    examples = runtime.example_shapes or {}
     for spec in runtime.inputs:
-        shape = (batch, *spec.shape[1:])
+        shape = (batch, *examples.get(spec.name, spec.shape)[1:])
         if any(d < 0 for d in shape):
             return None
         feed[spec.name] = rng.random(shape).astype(spec.dtype)

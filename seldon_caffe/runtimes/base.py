@@ -46,6 +46,10 @@ class Runtime(abc.ABC):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     native: Any = None
+    # Input shapes the model is known to run at (its warm-up shapes), where the signature has
+    # free dims besides the batch (a fully convolutional Caffe net): for tools that need an
+    # example input (runtimes/auto.py's timing). None: the signature's own dims, batch aside.
+    example_shapes: dict[str, tuple[int, ...]] | None = None
     # NaN/Inf in a float input is a 400 unless model.yaml opts in (options.allow_non_finite):
     # engines propagate them silently into answers that look valid.
     allow_non_finite: bool = False

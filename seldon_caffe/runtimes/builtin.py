@@ -19,6 +19,10 @@ from .registry import register_runtime
 
 Problem = Callable[[str, str], ConfigError]
 _HERE = __package__
+# A Caffe net whose inputs have free dims (any image size) is converted and loaded once per
+# input shape on the ONNX engines; `shape_cache` engines are kept, least recently used out
+# (runtimes/per_shape.py). Each holds a copy of the weights: 8 x a 100 MB net is 800 MB.
+SHAPE_CACHE = 8
 
 
 @register_runtime(
@@ -64,6 +68,7 @@ class OnnxRuntimeOptions(Options):
     providers: tuple[str, ...] | None = strings(None, "a list of execution providers, e.g. [cuda, cpu]")
     graph_optimization: str = choice("all", GRAPH_OPTIMIZATIONS)
     int8_model: str | None = text(None, INT8_MODEL)
+    shape_cache: int = integer(SHAPE_CACHE, 1)
 
     def check(self, problem: Problem) -> None:
         if self.precision == "bf16":
@@ -85,6 +90,7 @@ class OpenVinoOptions(Options):
     performance_hint: str = choice("LATENCY", PERFORMANCE_HINTS, upper=True)
     cpu_pinning: bool = flag(False)
     int8_model: str | None = text(None, INT8_MODEL)
+    shape_cache: int = integer(SHAPE_CACHE, 1)
 
     def check(self, problem: Problem) -> None:
         if self.device != "cpu":
@@ -168,6 +174,7 @@ class TorchOptions(Options):
     cuda_graphs: bool = flag(False)
     cudnn_benchmark: bool = flag(True)
     tf32: bool = flag(False)
+    shape_cache: int = integer(SHAPE_CACHE, 1)
 
     def check(self, problem: Problem) -> None:
         device, precision = self.device, self.precision

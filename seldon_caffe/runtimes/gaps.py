@@ -2,9 +2,10 @@
 
 `KNOWN_GAPS[runtime][layer type]` says why a layer of that type fails or answers
 differently under that runtime. Every entry is pinned by a strict expected failure in
-tests/test_conformance.py: when a runtime learns the layer, that test fails until the
-entry goes, so the table cannot go stale. `seldon-caffe inspect` reports `find_gaps` for
-the net and runtime it would serve, so users hear about a gap before they deploy.
+tests/test_conformance.py (the forks' layers: tests/test_fork_layers.py): when a runtime
+learns the layer, that test fails until the entry goes, so the table cannot go stale.
+`seldon-caffe inspect` reports `find_gaps` for the net and runtime it would serve, so users
+hear about a gap before they deploy.
 
 A runtime added by another package (runtimes/registry.py) declares its own gaps, as
 `register_runtime(..., gaps={layer type: reason})`; a runtime with none has no known gap.
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+_ADAPTIVE_NMS = "adaptive NMS (nms_param.eta < 1) has no ONNX form: the conversion refuses the layer"
 
 KNOWN_GAPS: dict[str, dict[str, str]] = {
     # OpenCV 4.11's Caffe importer (the `opencv` runtime).
@@ -34,6 +37,26 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "MVN": "OpenCV adds eps to the variance where Caffe adds it to the standard deviation: outputs "
         "differ by about eps / (2 std) relative (flagged for eps >= 1e-5; the default 1e-9 is exact)",
         "Swish": "OpenCV ignores swish_param.beta and computes x * sigmoid(x): outputs differ when beta != 1",
+        # caffe-ssd's layers (tests/test_fork_layers.py holds them to caffe_oracle/numpy_ssd.py).
+        "Normalize": "OpenCV cannot scale per channel after a norm over C, H and W (across_spatial with "
+        "channel_shared false): its forward fails",
+        "Permute": "OpenCV needs permute_param.order to list every axis (caffe-ssd appends the unlisted ones): "
+        "the net does not load",
+        "PriorBox": "OpenCV clips priors when clip is unset (caffe-ssd does not), ignores img_size / img_h / img_w, "
+        "keeps fractional min_size / max_size (caffe-ssd truncates them) and refuses a PriorBox without variance",
+        "DetectionOutput": "OpenCV orders each image's rows by score across classes (caffe-ssd: by class, then "
+        "score), pads the output with zero rows to keep_top_k x batch (and answers zeros, not one row of -1s per "
+        "image, when nothing is found), refuses keep_top_k unset and code_type CORNER_SIZE, and ignores nms eta",
+        # The other forks' layers (tests/test_fork_layers.py holds them to caffe_oracle/numpy_forks.py).
+        "BN": "OpenCV's Caffe importer has no BN layer (SegNet's or PSPNet's): the net does not load",
+        "Upsample": "OpenCV's Caffe importer has no Upsample layer (SegNet's by a pooling mask, nor the YOLO "
+        "ports' nearest-neighbour one): the net does not load",
+        "DepthwiseConvolution": "OpenCV's Caffe importer has no DepthwiseConvolution layer: the net does not load",
+        "Interp": "OpenCV's Interp ignores shrink_factor (alone, it makes an empty output: the net does not load) "
+        "and pad_beg / pad_end (the output's size differs), and refuses interp_type and a second bottom",
+        "ConvolutionDepthwise": "OpenCV takes ConvolutionDepthwise's output channels from num_output, which the "
+        "fork ignores: without num_output the net does not load (and one other than the input's channels fails "
+        "or answers wrong)",
     },
     # Real Caffe itself: nothing is missing. (Clip and Swish came after the 1.0 release;
     # Debian's 1.0.0+git20180821 has both, a pycaffe from the 1.0 tag or conda does not,
@@ -41,10 +64,10 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
     "pycaffe": {},
     # Caffe converted to ONNX (seldon_caffe/caffe/to_onnx.py): every supported layer matches
     # real Caffe on both engines (tests/test_onnx_runtimes.py).
-    "onnxruntime": {},
-    "openvino": {},
+    "onnxruntime": {"DetectionOutput": _ADAPTIVE_NMS},
+    "openvino": {"DetectionOutput": _ADAPTIVE_NMS},
     # The torch runtime serves that same ONNX conversion rebuilt in torch (caffe/to_torch.py).
-    "torch": {},
+    "torch": {"DetectionOutput": _ADAPTIVE_NMS},
 }
 
 # (runtime, layer type) -> does this layer, with its parameters, hit the gap?
@@ -55,7 +78,36 @@ _APPLIES: dict[tuple[str, str], Callable[[Any], bool]] = {
     ),
     ("opencv", "MVN"): lambda layer: layer.mvn_param.normalize_variance and layer.mvn_param.eps >= 1e-5,
     ("opencv", "Swish"): lambda layer: abs(layer.swish_param.beta - 1.0) > 1e-6,
+    ("opencv", "Normalize"): lambda layer: layer.norm_param.across_spatial and not layer.norm_param.channel_shared,
+    ("opencv", "Permute"): lambda layer: (
+        sorted(layer.permute_param.order) != list(range(len(layer.permute_param.order)))
+    ),
+    ("opencv", "PriorBox"): lambda layer: _opencv_prior_box_differs(layer.prior_box_param),
+    ("opencv", "Interp"): lambda layer: _opencv_interp_differs(layer),
+    ("opencv", "ConvolutionDepthwise"): lambda layer: not layer.convolution_param.HasField("num_output"),
+    **{
+        (runtime, "DetectionOutput"): lambda layer: _adaptive_nms(layer)
+        for runtime in ("onnxruntime", "openvino", "torch")
+    },
 }
+
+
+def _opencv_prior_box_differs(p: Any) -> bool:
+    """Whether OpenCV's PriorBox answers differently from caffe-ssd's for these settings."""
+    sizes = [*p.min_size, *p.max_size]
+    explicit_image = p.HasField("img_size") or p.HasField("img_h") or p.HasField("img_w")
+    return not p.HasField("clip") or explicit_image or any(s != int(s) for s in sizes) or not p.variance
+
+
+def _opencv_interp_differs(layer: Any) -> bool:
+    """Whether OpenCV's Interp fails or answers differently from the fork's for this layer."""
+    p = layer.interp_param
+    cropped = bool(p.pad_beg or p.pad_end)
+    return cropped or p.HasField("shrink_factor") or p.HasField("interp_type") or len(layer.bottom) > 1
+
+
+def _adaptive_nms(layer: Any) -> bool:
+    return layer.detection_output_param.nms_param.eta < 1
 
 
 def find_gaps(runtime: str, layers: Any) -> list[tuple[str, str, str]]:

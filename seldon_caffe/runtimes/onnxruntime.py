@@ -13,12 +13,15 @@ model.yaml options it reads:
   fp16 kernels, so without TensorRT it is an error, never a silent fp32); int8 loads the
   quantized model (see `_onnx_source.int8_model_path`); bf16 is the openvino runtime's.
 * `graph_optimization`: all (default) | extended | basic | disable.
+* `shape_cache`: for a Caffe net whose inputs have free dims (any image size), how many
+  sessions to keep, one per input shape (runtimes/per_shape.py; default 8).
 
 An InferenceSession is safe to run from several threads at once, so `run` takes no lock.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +33,9 @@ from ..paths import cache_dir
 from ._onnx_source import onnx_model_path, tensor_spec
 from .base import Arrays, Runtime
 from .builtin import OnnxRuntimeOptions
+from .caffe_model import CaffeModel
 from .options import cuda_index
+from .per_shape import ShapeCache
 
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -53,22 +58,43 @@ _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(dou
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
 
-    def __init__(self, config: ModelConfig):
-        self.path = onnx_model_path(config, self.name)
-        providers = choose_providers(config)
-        try:
-            self.native = ort.InferenceSession(str(self.path), session_options(config), providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph...)
-            raise ModelLoadError(f"onnxruntime cannot load {self.path}: {exc}") from None
+    def __init__(self, config: ModelConfig, caffe: CaffeModel | None = None):
+        """`caffe`: serve this Caffe net (e.g. one made in memory) instead of the config's files."""
+        self._providers, self._options = choose_providers(config), session_options(config)
+        self.plans: ShapeCache[ort.InferenceSession] | None = None
+        if caffe is None and config.format == "caffe" and config.options["precision"] != "int8":
+            caffe = CaffeModel.from_config(config)
+        if caffe is not None:  # one session per input shape (the batch aside)
+            bound = OnnxRuntimeOptions.from_config(config).shape_cache
+            self.plans = ShapeCache(caffe, self._session, bound, config)
+            self.path, self.native = self.plans.path, self.plans.first
+            self.inputs, self.outputs = list(caffe.inputs), list(caffe.outputs)
+            self.example_shapes = dict(caffe.warm_shapes)
+        else:
+            self.path = onnx_model_path(config, self.name)
+            self.native = self._session(self.path)
+            self.inputs = [tensor_spec(i.name, _dtype(i.type), i.shape) for i in self.native.get_inputs()]
+            self.outputs = [tensor_spec(o.name, _dtype(o.type), o.shape) for o in self.native.get_outputs()]
         self.providers = self.native.get_providers()
-        self.inputs = [tensor_spec(i.name, _dtype(i.type), i.shape) for i in self.native.get_inputs()]
-        self.outputs = [tensor_spec(o.name, _dtype(o.type), o.shape) for o in self.native.get_outputs()]
+
+    def _session(self, source: Any) -> ort.InferenceSession:
+        """A session on an ONNX file (a Path) or an onnx.ModelProto converted in memory."""
+        model = str(source) if isinstance(source, Path) else source.SerializeToString()
+        try:
+            return ort.InferenceSession(model, self._options, providers=self._providers)
+        except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph...)
+            raise ModelLoadError(
+                f"onnxruntime cannot load {source if isinstance(source, Path) else 'the net'}: {exc}"
+            ) from None
 
     def _run(self, feed: Arrays, outputs: list[str]) -> Arrays:
-        results = self.native.run(outputs, feed)
+        session = self.native if self.plans is None else self.plans.engine({n: a.shape for n, a in feed.items()})
+        results = session.run(outputs, feed)
         return dict(zip(outputs, results, strict=True))
 
     def close(self) -> None:
+        if self.plans is not None:
+            self.plans.clear()
         self.native = None
 
 

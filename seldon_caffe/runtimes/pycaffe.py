@@ -5,30 +5,47 @@ interpreter (Debian's python3-caffe in a chroot, a conda env with Python 3.6...)
 worker (`pycaffe_worker.py`) is started from `options.pycaffe_command` and spoken to over
 its stdin/stdout by `pycaffe_process.WorkerProcess`, which restarts a worker that dies or
 hangs (past `options.timeout_s`) so that it costs one request, not the service.
+
+Caffe reshapes per call, so the signature is the one every Caffe runtime shows
+(runtimes/caffe_model.py: free input dims are -1, each request's sizes are checked by the
+shape rules before Caffe sees them, whose CHECK failure would kill the worker), and any blob
+can be answered (model.yaml `outputs:`). Where our parser cannot read the net (a fork's
+layer it does not know), the worker's own description stands in: Caffe's declared shapes,
+the batch free.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from ..caffe import CaffeFormatError
+from ..caffe.tolerant import unsupported_types
 from ..config import ModelConfig
 from ..errors import BadRequest, ModelLoadError, SeldonCaffeError
 from . import pycaffe_worker as wire
 from .base import Arrays, Runtime, TensorSpec
 from .builtin import PycaffeOptions
+from .caffe_model import CaffeModel
 from .pycaffe_process import WorkerProcess
+
+logger = logging.getLogger(__name__)
 
 
 class PycaffeRuntime(Runtime):
     name = "pycaffe"
 
-    def __init__(self, config: ModelConfig):
-        prototxt = config.files["prototxt"].read_bytes()
-        weights = config.files["weights"].read_bytes()
+    def __init__(self, config: ModelConfig, caffe: CaffeModel | None = None):
+        """`caffe`: serve this Caffe net (e.g. one made in memory) instead of the config's files."""
+        self.model = caffe or _read_model(config)
+        if caffe is not None:
+            prototxt, weights = caffe.net().prototxt_bytes(), caffe.net().caffemodel_bytes()
+        else:  # the user's files, untouched: their Caffe reads them
+            prototxt, weights = config.files["prototxt"].read_bytes(), config.files["weights"].read_bytes()
         # checked in either mode: a typo should not wait for a worker to show
         options = PycaffeOptions.from_config(config)
         caffe, why = _import_caffe()
@@ -51,12 +68,18 @@ class PycaffeRuntime(Runtime):
                 'ROOT, "python3"] for the root `make caffe-env` builds, or use runtime: opencv'
             )
         info = self._backend.info
-        self.inputs = [_spec(item) for item in info["inputs"]]
-        self.outputs = [_spec(item) for item in info["outputs"]]
+        if self.model is not None:
+            self.inputs, self.outputs = list(self.model.inputs), list(self.model.outputs)
+            self.example_shapes = dict(self.model.warm_shapes)
+        else:
+            self.inputs = [_spec(item) for item in info["inputs"]]
+            self.outputs = _described_outputs(info, config)
         self.layer_types: dict[str, str] = dict(info["layers"])
         self.native = self._backend.native
 
     def _run(self, feed: Arrays, outputs: list[str]) -> Arrays:
+        if self.model is not None and self.model.has_free_dims:
+            self.model.check({name: array.shape for name, array in feed.items()})  # a CHECK failure kills Caffe
         header = {"op": "run", "inputs": list(feed), "outputs": outputs}
         results = self._backend.request(header, list(feed.values()))
         return {name: results[i] for i, name in enumerate(outputs)}
@@ -70,6 +93,37 @@ class PycaffeRuntime(Runtime):
 
     def close(self) -> None:
         self._backend.close()
+
+
+def _read_model(config: ModelConfig) -> CaffeModel | None:
+    """The net as our parser reads it, or None where it cannot (Caffe may: a fork's layer)."""
+    try:
+        unknown = unsupported_types(config.files["prototxt"])
+        if unknown:  # the user's Caffe gets the files untouched and is the judge of these
+            logger.info(
+                "%s: layer types %s have no shape rule here; the signature is the one Caffe describes",
+                config.files["prototxt"],
+                ", ".join(unknown),
+            )
+            return None
+        return CaffeModel.from_config(config)
+    except CaffeFormatError as exc:
+        logger.info("%s; the signature is the one Caffe describes", exc)
+        return None
+
+
+def _described_outputs(info: dict[str, Any], config: ModelConfig) -> list[TensorSpec]:
+    """The outputs the worker describes, or the blobs model.yaml `outputs:` names."""
+    if not config.outputs:
+        return [_spec(item) for item in info["outputs"]]
+    blobs = {item["name"]: item for item in info.get("blobs", [])}
+    unknown = [entry["name"] for entry in config.outputs if entry["name"] not in blobs]
+    if unknown:
+        raise ModelLoadError(
+            f"{config.source}: field 'outputs': the net has no blob {unknown[0]!r}; "
+            f"any of its blobs can be an output: {', '.join(blobs)}"
+        )
+    return [_spec(blobs[entry["name"]]) for entry in config.outputs]
 
 
 def _spec(item: dict[str, Any]) -> TensorSpec:

@@ -161,9 +161,25 @@ class NetHandler(object):
         types_ = dict(zip(net._layer_names, [layer.type for layer in net.layers]))
         return {
             "inputs": [{"name": n, "shape": list(net.blobs[n].data.shape)} for n in net.inputs],
-            "outputs": [{"name": n, "shape": list(net.blobs[n].data.shape)} for n in net.outputs],
+            "outputs": [{"name": n, "shape": list(net.blobs[n].data.shape)} for n in self.outputs(types_)],
             "layers": [[name, types_[name]] for name in net._layer_names],
+            "blobs": [{"name": n, "shape": list(blob.data.shape)} for n, blob in net.blobs.items()],
         }
+
+    def outputs(self, types_):
+        """net.outputs, plus the blobs only a Silence layer reads: Silence marks a blob unused
+        on purpose, often the net's very answer (colorization's class8_ab). A blob that other
+        layers read too reaches Silence through a Split's top, which is no answer."""
+        net = self.net
+        split = set()
+        silenced = []
+        for name in net._layer_names:
+            if types_[name] == "Split":
+                split.update(net.top_names[name])
+            elif types_[name] == "Silence":
+                silenced.extend(net.bottom_names[name])
+        extra = [b for b in silenced if b not in split and b not in net.outputs]
+        return list(net.outputs) + sorted(set(extra))
 
     def run(self, names, arrays, outputs):
         """Forward the net on `arrays` (any batch size); returns views of the output blobs."""

@@ -28,6 +28,7 @@ import logging
 import re
 import threading
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
@@ -40,6 +41,8 @@ from ..engines.torch import import_torch, load_saved, torch_file_kind
 from ..errors import BadRequest, ConfigError, ModelLoadError, SeldonCaffeError
 from .base import Arrays, Runtime, TensorSpec, check_finite
 from .builtin import TorchOptions
+from .caffe_model import CaffeModel
+from .caffe_torch import load_caffe
 from .options import cuda_index
 
 logger = logging.getLogger(__name__)
@@ -63,17 +66,20 @@ class TorchRuntime(Runtime):
 
     name = "torch"
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, caffe: CaffeModel | None = None):
+        """`caffe`: serve this Caffe net (e.g. one made in memory) instead of the config's files."""
         self.options = TorchOptions.from_config(config)
         self.device = torch_device(self.options.device)
         self.checks_finite_on_device = self.device.type == "cuda"
         torch.set_num_threads(self.options.threads)  # per process: the last model loaded sets it
         if self.device.type == "cuda":
             set_cuda_precision(self.options)
-        if config.format == "caffe":
+        if config.format == "caffe" or caffe is not None:  # one module per input shape (caffe_torch.py)
             found: list[dict[str, Any]] | None
             self.kind, program = "caffe", None
-            self.path, module, found = load_caffe(config, self.device)
+            path, module, found = load_caffe(config, self.device, self.options.shape_cache, caffe)
+            self.path = path or Path(module.model.source)
+            self.example_shapes = dict(module.model.warm_shapes)
         else:
             self.path = Path(config.files["torchscript"])
             self.kind = archive_kind(self.path)
@@ -96,6 +102,9 @@ class TorchRuntime(Runtime):
         self._graph_lock = threading.Lock()
         self._picks: list[tuple[Any, torch.dtype]] = []
         self.outputs = self._warm_up(config, description)
+        if self.kind == "caffe":  # the net's shape rules know which dims follow a free input dim
+            shapes = {spec.name: spec.shape for spec in module.model.outputs}
+            self.outputs = [replace(spec, shape=shapes.get(spec.name, spec.shape)) for spec in self.outputs]
         extras = "".join(f", {k}" for k in ("channels_last", "cuda_graphs", "tf32") if getattr(self.options, k))
         served = config.files.get("weights", self.path).name  # a Caffe net: its caffemodel, not the cache
         how = f"{KINDS[self.kind]} {served} on {self.device}, {self.options.precision}{extras}"
@@ -196,7 +205,7 @@ class TorchRuntime(Runtime):
         sizes = (1, 2) if any(-1 in s.shape for s in self.inputs) else (1,)
         runs = []
         for size in sizes:
-            zeros = [np.zeros([size if d == -1 else d for d in s.shape], s.dtype) for s in self.inputs]
+            zeros = [np.zeros(self._example(s, size), s.dtype) for s in self.inputs]
             try:
                 with torch.inference_mode():
                     runs.append(self.native(*[self._convert(torch.from_numpy(z).to(self.device)) for z in zeros]))
@@ -222,6 +231,13 @@ class TorchRuntime(Runtime):
             specs.append(TensorSpec(entry["name"], dtype, tuple(entry.get("shape") or shape)))
             self._picks.append((key, getattr(torch, dtype)))
         return specs
+
+    def _example(self, spec: TensorSpec, size: int) -> list[int]:
+        """A warm-up shape: any-size dims at `size`, or the example shape's (a Caffe net's free
+        image dims, where 1 or 2 would be no image at all), with the batch at `size`."""
+        dims = [size if d == -1 else d for d in spec.shape]
+        example = (self.example_shapes or {}).get(spec.name)
+        return dims if example is None else [dims[0], *example[1:]]
 
     def close(self) -> None:
         with self._graph_lock:
@@ -287,29 +303,6 @@ def load_module(path: Path, kind: str, device: torch.device) -> tuple[Any, Any]:
         program = move_to_device_pass(program, device)
     # An ExportedProgram keeps the train/eval mode it was exported in (export in eval mode).
     return program.module(), program
-
-
-def load_caffe(config: ModelConfig, device: torch.device) -> tuple[Path, Any, list[dict[str, Any]]]:
-    """A Caffe net's ONNX conversion, that net as a torch module on `device`, and its inputs.
-
-    The module is built from the net's ONNX conversion (seldon_caffe/caffe/to_torch.py), the
-    one the onnxruntime and openvino runtimes load and cache: converted once per prototxt and
-    caffemodel, never written beside the user's files. Outputs keep their Caffe top names.
-    """
-    import onnx
-
-    from ..caffe.onnx_graph import value_dims
-    from ..caffe.to_torch import onnx_to_torch
-    from ._onnx_source import converted_caffe_model, tensor_spec
-
-    path = converted_caffe_model(config)
-    model = onnx.load(path)
-    module = onnx_to_torch(model).to(device)
-    inputs = []
-    for value in model.graph.input:
-        spec = tensor_spec(value.name, "float32", value_dims(value))
-        inputs.append({"name": spec.name, "dtype": spec.dtype, "shape": list(spec.shape)})
-    return path, module, inputs
 
 
 def set_cuda_precision(options: TorchOptions) -> None:

@@ -1,0 +1,336 @@
+"""The forks' layers on every engine, against their numpy reference and against OpenCV.
+
+No BVLC Caffe has these layers (caffe-ssd's Normalize, Permute, PriorBox, DetectionOutput;
+py-faster-rcnn's ROIPooling; SegNet's BN and Upsample; ...), so tests/test_conformance.py
+leaves their layer nets out and this module holds them to a twofold oracle:
+
+* the numpy reference (caffe_oracle/fork_reference.py), written from each fork's sources;
+* OpenCV DNN 4.x, which implements caffe-ssd's and py-faster-rcnn's layers and is tested
+  against them upstream, wherever it implements the layer as the fork defines it.
+
+Nets: every tests/layer_nets net real Caffe cannot run (test_conformance.runs_on_real_caffe).
+Weights: our own `fill_random_weights`. Inputs: random, made for the layer that reads them
+(`INPUT_MAKERS`: softmaxed scores, box offsets and priors for DetectionOutput, ROIs inside
+the image for ROIPooling), the same for every engine, at batch 1 and 4. Engines are loaded
+through the runtimes, as a served model's are.
+
+Agreement: test_conformance's relative error <= 1e-4 for every output; DetectionOutput's
+rows must be the same rows in the same order (image and label equal, scores and boxes within
+1e-4). OpenCV orders and pads DetectionOutput's rows its own way (runtimes/gaps.py), so the
+other engines are compared with its rows put in caffe-ssd's order; a net where OpenCV differs
+in substance (a gap beyond that) is not compared with OpenCV. A gap is a strict xfail.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from test_conformance import BATCHES, LAYER_NETS, REL_TOL, relative_error, runs_on_real_caffe
+
+from caffe_oracle import fork_reference, reference
+from seldon_caffe.caffe import CaffeNet, caffe_pb2, load_caffe_net, read_prototxt, upgrade_net
+from seldon_caffe.caffe.to_onnx import caffe_to_onnx
+from seldon_caffe.config import parse_config
+from seldon_caffe.runtimes import REGISTRY, Runtime, load_runtime
+from seldon_caffe.runtimes.gaps import find_gaps
+from seldon_caffe.weights import fill_random_weights
+
+ENGINES = ("opencv", "onnxruntime", "openvino", "torch")
+CONVERTED = ("onnxruntime", "openvino", "torch")  # the engines that run our ONNX conversion
+FORK_NETS = {p.stem: p for p in sorted(LAYER_NETS.glob("*.prototxt")) if not runs_on_real_caffe(p)}
+CORNER_SIZE = caffe_pb2.PriorBoxParameter.CORNER_SIZE
+
+
+# -- inputs made for the layer that reads them -----------------------------------------------
+
+Maker = Callable[[CaffeNet, caffe_pb2.LayerParameter, tuple[int, ...], int, np.random.Generator], np.ndarray]
+
+
+def _box_offsets(net: CaffeNet, layer: Any, shape: tuple[int, ...], batch: int, rng: np.random.Generator) -> np.ndarray:
+    """DetectionOutput's offsets: a prior's variance times these moves it by about a tenth."""
+    return rng.standard_normal((batch, *shape[1:]))
+
+
+def _class_scores(
+    net: CaffeNet, layer: Any, shape: tuple[int, ...], batch: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Softmaxed scores per prior, as SSD's conf_flat holds them (confident enough to pass thresholds)."""
+    classes = layer.detection_output_param.num_classes
+    logits = 2 * rng.standard_normal((batch * int(np.prod(shape[1:])) // classes, classes))
+    scores = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (scores / scores.sum(axis=1, keepdims=True)).reshape(batch, *shape[1:])
+
+
+def _priors(net: CaffeNet, layer: Any, shape: tuple[int, ...], batch: int, rng: np.random.Generator) -> np.ndarray:
+    """PriorBox's [1, 2, priors * 4]: boxes inside the image, overlapping enough for NMS to act,
+    then SSD's variances. One set for the whole batch, as PriorBox makes it."""
+    count = shape[2] // 4
+    centre, size = rng.uniform(0.15, 0.85, (count, 2)), rng.uniform(0.1, 0.5, (count, 2))
+    boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
+    variances = np.tile([0.1, 0.1, 0.2, 0.2], (count, 1))
+    return np.stack([boxes.reshape(-1), variances.reshape(-1)])[None]
+
+
+def _rois(net: CaffeNet, layer: Any, shape: tuple[int, ...], batch: int, rng: np.random.Generator) -> np.ndarray:
+    """ROIPooling's [R, 5] rows (image index, x1, y1, x2, y2 in image pixels), partly outside
+    the image the feature map was computed from; R stays as declared at any batch."""
+    height, width = net.shapes[layer.bottom[0]][2:]
+    scale = layer.roi_pooling_param.spatial_scale
+    extent = np.array([width, height]) / scale
+    corner = rng.uniform(-0.1, 0.9, (shape[0], 2)) * extent
+    other = corner + rng.uniform(0.05, 0.6, (shape[0], 2)) * extent
+    index = rng.integers(0, batch, (shape[0], 1))
+    return np.concatenate([index, corner, other], axis=1)
+
+
+INPUT_MAKERS: dict[tuple[str, int], Maker] = {
+    ("DetectionOutput", 0): _box_offsets,
+    ("DetectionOutput", 1): _class_scores,
+    ("DetectionOutput", 2): _priors,
+    ("ROIPooling", 1): _rois,
+}
+
+
+def make_inputs(net: CaffeNet, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """Every input at `batch`: standard normal, unless the layer reading it needs more (INPUT_MAKERS)."""
+    rng = np.random.default_rng(seed)
+    readers = {b: (layer, i) for layer in net.definition.layer for i, b in enumerate(layer.bottom)}
+    feed = {}
+    for name, shape in net.input_shapes.items():
+        layer, index = readers.get(name, (None, -1))
+        maker = INPUT_MAKERS.get((layer.type, index)) if layer is not None else None
+        if maker is not None:
+            value = maker(net, layer, shape, batch, rng)
+        else:
+            value = rng.standard_normal((batch, *shape[1:]))
+        feed[name] = np.ascontiguousarray(value, np.float32)
+    return feed
+
+
+# -- what is compared --------------------------------------------------------------------------
+
+
+def detection_outputs(net: CaffeNet) -> set[str]:
+    return {top for layer in net.definition.layer if layer.type == "DetectionOutput" for top in layer.top}
+
+
+def assert_same(name: str, got: np.ndarray, want: np.ndarray, detections: bool) -> None:
+    """Within REL_TOL; DetectionOutput rows: the same rows in the same order."""
+    assert got.shape == want.shape, f"{name}: shape {got.shape}, expected {want.shape}"
+    if not detections:
+        error = relative_error(got, want)
+        assert error <= REL_TOL, f"{name}: relative error {error:.2e} > {REL_TOL:.0e}"
+        return
+    rows, expected = got.reshape(-1, 7), want.reshape(-1, 7)
+    assert np.array_equal(rows[:, :2], expected[:, :2]), f"{name}: (image, label) per row differ"
+    for what, columns in (("scores", slice(2, 3)), ("boxes", slice(3, 7))):
+        error = relative_error(rows[:, columns], expected[:, columns])
+        assert error <= REL_TOL, f"{name}: {what} differ, relative error {error:.2e} > {REL_TOL:.0e}"
+
+
+def caffe_ssd_order(rows: np.ndarray, batch: int) -> np.ndarray:
+    """OpenCV's DetectionOutput answer as caffe-ssd writes it: its zero padding dropped, rows
+    by image, then label, then descending score (OpenCV sorts by score across labels), and
+    one row of -1s per image when nothing was found."""
+    rows = rows.reshape(-1, 7)
+    rows = rows[np.any(rows != 0, axis=1)]
+    if not len(rows):
+        empty = np.full((batch, 7), -1, np.float32)
+        empty[:, 0] = np.arange(batch)
+        return empty.reshape(1, 1, batch, 7)
+    order = np.lexsort((-rows[:, 2], rows[:, 1], rows[:, 0]))
+    return rows[order].reshape(1, 1, -1, 7)
+
+
+def layers(path: Path) -> list[caffe_pb2.LayerParameter]:
+    return list(upgrade_net(read_prototxt(path)).layer)
+
+
+def opencv_is_an_oracle(net_layers: list[caffe_pb2.LayerParameter]) -> bool:
+    """Whether OpenCV computes this net as its forks define it, up to DetectionOutput's row
+    order and padding (undone by caffe_ssd_order)."""
+    by_name = {layer.name: layer for layer in net_layers}
+    for name, kind, _ in find_gaps("opencv", net_layers):
+        if kind != "DetectionOutput" or not _opencv_only_reorders(by_name[name].detection_output_param):
+            return False
+    return True
+
+
+def _opencv_only_reorders(p: caffe_pb2.DetectionOutputParameter) -> bool:
+    """The DetectionOutput settings OpenCV computes as caffe-ssd does (see gaps.py)."""
+    return p.keep_top_k > 0 and p.code_type != CORNER_SIZE and not p.variance_encoded_in_target and p.nms_param.eta >= 1
+
+
+# -- nets, weights, references, engines ----------------------------------------------------------
+
+
+class ForkNet:
+    """One layer net: random weights written as a caffemodel, inputs and reference per batch."""
+
+    def __init__(self, name: str, workdir: Path) -> None:
+        self.name, self.prototxt = name, FORK_NETS[name]
+        self.net = load_caffe_net(self.prototxt)
+        fill_random_weights(self.net, seed=zlib.crc32(name.encode()))
+        self.weights = workdir / f"{name}.caffemodel"
+        self.weights.write_bytes(self.net.caffemodel_bytes())
+        self.inputs = {batch: make_inputs(self.net, batch, seed=batch) for batch in BATCHES}
+        self._expected: dict[int, dict[str, np.ndarray]] = {}
+
+    def expected(self, batch: int) -> dict[str, np.ndarray]:
+        if batch not in self._expected:
+            self._expected[batch] = fork_reference.forward(self.net, self.inputs[batch], self.net.outputs)
+        return self._expected[batch]
+
+
+@pytest.fixture(scope="session")
+def fork_nets(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], ForkNet]:
+    workdir, made = tmp_path_factory.mktemp("fork-nets"), {}
+
+    def get(name: str) -> ForkNet:
+        if name not in made:
+            made[name] = ForkNet(name, workdir)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def engines(fork_nets: Callable[[str], ForkNet]) -> Iterator[Callable[[str, str], Runtime]]:
+    """load(net, engine): one loaded net per engine at a time (cases come net by net)."""
+    loaded: dict[str, tuple[str, Runtime]] = {}
+
+    def load(name: str, engine: str) -> Runtime:
+        if engine in loaded and loaded[engine][0] == name:
+            return loaded[engine][1]
+        if engine in loaded:
+            loaded.pop(engine)[1].close()
+        data = fork_nets(name)
+        raw = {
+            "files": {"prototxt": str(data.prototxt), "weights": str(data.weights)},
+            "runtime": engine,
+            "options": {"threads": 1},
+        }
+        loaded[engine] = (name, load_runtime(parse_config(raw, data.weights.parent)))
+        return loaded[engine][1]
+
+    yield load
+    for _, model in loaded.values():
+        model.close()
+
+
+def needs_engine(engine: str) -> None:
+    install = REGISTRY[engine].install
+    pytest.importorskip("cv2" if engine == "opencv" else engine, reason=f"{engine} is not installed ({install})")
+
+
+def engine_cases(engines: tuple[str, ...], opencv_oracle: bool = False) -> Iterator[Any]:
+    """(net, engine, batch), net by net; a known gap (gaps.py) is a strict xfail."""
+    for name, path in FORK_NETS.items():
+        net_layers = layers(path)
+        if opencv_oracle and not opencv_is_an_oracle(net_layers):
+            continue
+        for engine in engines:
+            gaps = find_gaps(engine, net_layers)
+            why = "; ".join(f"{kind} ({layer}): {reason}" for layer, kind, reason in gaps)
+            marks = [pytest.mark.xfail(strict=True, reason=why)] if gaps else []
+            for batch in BATCHES:
+                yield pytest.param(name, engine, batch, marks=marks, id=f"{name}-{engine}-b{batch}")
+
+
+# -- the tests -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "engine", "batch"), list(engine_cases(ENGINES)))
+def test_engine_matches_numpy_reference(name: str, engine: str, batch: int, fork_nets: Any, engines: Any) -> None:
+    needs_engine(engine)
+    data = fork_nets(name)
+    model = engines(name, engine)
+    got = model.run(data.inputs[batch])
+    detections = detection_outputs(data.net)
+    for output, want in data.expected(batch).items():
+        assert np.isfinite(want).all(), f"the reference's {output} is not finite: the net's inputs are wrong"
+        assert_same(output, got[output], want, output in detections)
+
+
+@pytest.mark.parametrize(("name", "engine", "batch"), list(engine_cases(CONVERTED, opencv_oracle=True)))
+def test_engine_matches_opencv(name: str, engine: str, batch: int, fork_nets: Any, engines: Any) -> None:
+    needs_engine(engine)
+    needs_engine("opencv")
+    data = fork_nets(name)
+    feed = data.inputs[batch]
+    answers = engines(name, "opencv").run(feed)
+    got = engines(name, engine).run(feed)
+    detections = detection_outputs(data.net)
+    for output in data.net.outputs:
+        want = caffe_ssd_order(answers[output], batch) if output in detections else answers[output]
+        assert_same(output, got[output], want, output in detections)
+
+
+def test_detection_rows_are_unnamed_in_the_onnx_signature(fork_nets: Any) -> None:
+    """DetectionOutput's row count depends on the data: the converted graph leaves it free
+    (None), whatever placeholder the shape rule gives (caffe-ssd's [1, 1, 1, 7])."""
+    data = fork_nets("ssd_head")
+    assert data.net.shapes["detection"] == (1, 1, 1, 7)
+    model = caffe_to_onnx(data.net)
+    (output,) = model.graph.output
+    dims = output.type.tensor_type.shape.dim
+    assert [d.dim_value if d.HasField("dim_value") else None for d in dims] == [1, 1, None, 7]
+
+
+def test_random_weights_give_normalize_an_ssd_like_scale(fork_nets: Any) -> None:
+    """Normalize's scale is filled positive and near 20, where SSD trains conv4_3_norm's."""
+    for name in ("normalize_per_pixel", "ssd_head"):
+        net = fork_nets(name).net
+        for layer in (la for la in net.definition.layer if la.type == "Normalize"):
+            (scale,) = net.get_weights(layer.name)
+            assert scale.shape == (() if layer.norm_param.channel_shared else (net.shapes[layer.bottom[0]][1],))
+            assert np.all((scale >= 15) & (scale <= 25)), (name, layer.name)
+
+
+# The numpy interpreter's BVLC layers, held to real Caffe on the layer nets that use only them.
+BVLC_NETS = [
+    name
+    for name, path in ((p.stem, p) for p in sorted(LAYER_NETS.glob("*.prototxt")))
+    if runs_on_real_caffe(path)
+    and all(layer.type in fork_reference.BVLC_LAYERS or layer.type == "Input" for layer in layers(path))
+]
+
+
+# MAX pooling's mask top (SegNet's Upsample reads it), which no BVLC layer net answers.
+POOLING_MASK_NET = """
+name: "pooling_mask"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 9 dim: 8 } } }
+layer { name: "pool" type: "Pooling" bottom: "data" top: "pool" top: "mask"
+  pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "pool_rect" type: "Pooling" bottom: "data" top: "pool_rect" top: "mask_rect"
+  pooling_param { pool: MAX kernel_h: 2 kernel_w: 3 stride: 2 } }
+"""
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(reference.unavailable_reason() is not None, reason=f"{reference.unavailable_reason()}")
+def test_numpy_interpreter_matches_real_caffe_on_bvlc_layers(tmp_path: Path) -> None:
+    assert len(BVLC_NETS) >= 8, BVLC_NETS  # convolution, pooling, softmax, flatten, reshape, concat...
+    (tmp_path / "pooling_mask.prototxt").write_text(POOLING_MASK_NET)
+    nets = {name: LAYER_NETS / f"{name}.prototxt" for name in BVLC_NETS}
+    nets["pooling_mask"] = tmp_path / "pooling_mask.prototxt"
+    jobs = []
+    for name, prototxt in nets.items():
+        weights = tmp_path / f"{name}.caffemodel"
+        jobs += [
+            reference.weights_job(prototxt, weights, seed=1),
+            reference.forward_job(prototxt, weights, batch=2, seed=2),
+        ]
+    results = iter(reference.run_jobs(jobs, timeout=600))
+    for name, prototxt in nets.items():
+        next(results)
+        caffe = next(results)
+        ours = fork_reference.forward(load_caffe_net(prototxt, tmp_path / f"{name}.caffemodel"), caffe["inputs"])
+        for output, want in caffe["outputs"].items():
+            error = relative_error(ours[output], want)
+            assert error <= REL_TOL, f"{name} {output}: relative error {error:.2e}"
