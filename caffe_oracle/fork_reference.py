@@ -23,14 +23,18 @@ from seldon_caffe.caffe.net import WeightsError
 Layer = Callable[..., list[np.ndarray]]
 
 
-def forward(net: CaffeNet, inputs: Mapping[str, np.ndarray], outputs: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+def forward(
+    net: CaffeNet, inputs: Mapping[str, np.ndarray], outputs: Iterable[str] | None = None
+) -> dict[str, np.ndarray]:
     """Every blob's final value (or just `outputs`) after running `net` on `inputs`."""
     blobs: dict[str, np.ndarray] = {}
     for layer in net.definition.layer:
         if layer.type == "Input":
             missing = [top for top in layer.top if top not in inputs]
             if missing:
-                raise KeyError(f"no value given for input {missing[0]!r}; the net's inputs are {list(net.input_shapes)}")
+                raise KeyError(
+                    f"no value given for input {missing[0]!r}; the net's inputs are {list(net.input_shapes)}"
+                )
             blobs.update((top, np.asarray(inputs[top], np.float32)) for top in layer.top)
             continue
         fn = LAYERS.get(layer.type)

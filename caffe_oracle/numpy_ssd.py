@@ -7,7 +7,8 @@ two are independent statements of the same layer. Quirks kept on purpose:
 
 * PriorBox truncates min_size / max_size to integers before using them (`int min_size_ =`);
 * DetectionOutput decodes and measures overlaps in float32, as caffe-ssd does, so that
-  NMS decisions fall where caffe-ssd's fall; it never clips decoded boxes;
+  NMS decisions fall where caffe-ssd's fall; it clips decoded boxes only with `clip`, the
+  field OpenCV adds (caffe-ssd never clips; OpenCV's face detector sets it);
 * DetectionOutput writes, per image, its detections label by label (ascending), each
   label's in descending score; when no image has any detection it writes one row per
   image, [image, -1, -1, -1, -1, -1, -1].
@@ -151,7 +152,8 @@ def detection_output(layer, bottoms: list[np.ndarray], blobs: list[np.ndarray]) 
 
 
 def _decode(prior: np.ndarray, var: np.ndarray, loc: np.ndarray, p) -> np.ndarray:
-    """DecodeBBox for every prior, in float32 like caffe-ssd (no clipping)."""
+    """DecodeBBox for every prior, in float32 like caffe-ssd; clipped to [0, 1] only with
+    `clip`, OpenCV's extension (its face detector sets it; caffe-ssd never clips)."""
     out = np.empty_like(loc)
     half = np.float32(0.5)
     for i in range(len(loc)):
@@ -171,7 +173,7 @@ def _decode(prior: np.ndarray, var: np.ndarray, loc: np.ndarray, p) -> np.ndarra
             out[i] = [px1 + v[0] * lx1 * pw, py1 + v[1] * ly1 * ph, px2 + v[2] * lx2 * pw, py2 + v[3] * ly2 * ph]
         else:
             raise ValueError(f"unknown code_type {p.code_type}")
-    return out
+    return np.clip(out, 0, 1) if p.clip else out
 
 
 def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, nms, top_k: int) -> list[int]:

@@ -80,6 +80,14 @@ def _root_inputs(net: Any, rng: np.random.RandomState) -> dict[str, np.ndarray]:
 
 
 def _set_inputs(net: Any, feed: Mapping[str, np.ndarray]) -> None:
+    """Feed the inputs, reshaping the net first where one differs from the declared shape
+    (another image size, or the real size of a placeholder input such as OpenPose's
+    1x3x1x1), as Caffe's callers do: blob.reshape then net.reshape."""
+    resized = [name for name, value in feed.items() if net.blobs[name].data.shape != np.shape(value)]
+    for name in resized:
+        net.blobs[name].reshape(*np.shape(feed[name]))
+    if resized:
+        net.reshape()
     for name, value in feed.items():
         net.blobs[name].data[...] = value
 

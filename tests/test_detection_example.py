@@ -2,9 +2,11 @@
 
 Its mAP@0.5 on held-out scenes must be the one README.md quotes; every engine must give
 caffe-ssd's detections (the numpy oracle, caffe_oracle/numpy_ssd.py, run over the whole net):
-the same rows in the same order, scores and boxes within 1e-4; the committed caffemodel
-must compute what the torch net it came from computes; and the served answers over Seldon
-v1 (REST, gRPC) and V2 (REST, gRPC) must be the answer of the same request run in process.
+the same rows in the same order, scores and boxes within 1e-4 (OpenCV's known gap in row
+order and padding is a strict xfail there, and its served answers are held to the oracle's
+through the hooks instead); the committed caffemodel must compute what the torch net it came
+from computes; and the served answers over Seldon v1 (REST, gRPC) and V2 (REST, gRPC) must
+be the answer of the same request run in process.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import base64
 import json
 import re
 import sys
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -26,6 +29,7 @@ from seldon_caffe.caffe import load_caffe_net
 from seldon_caffe.config import load_config
 from seldon_caffe.model import SeldonCaffeModel
 from seldon_caffe.runtimes import load_runtime
+from seldon_caffe.runtimes.gaps import find_gaps
 
 DETECTION = EXAMPLES / "detection"
 sys.path[:0] = [str(EXAMPLES), str(DETECTION)]  # examples/_train, and the example's own modules
@@ -36,6 +40,18 @@ ENGINES = ("opencv", "onnxruntime", "openvino", "torch")
 TOLERANCE = 1e-4  # scores and normalised box corners, engine against the oracle
 MAP_TOLERANCE = 0.002  # evaluate.py's figures against README.md's (3 decimals)
 HOOKS = load_script(DETECTION / "hooks.py")
+
+
+def raw_engines() -> list:
+    """The engines, a known gap (runtimes/gaps.py) in this net a strict xfail: OpenCV pads
+    detection_out with zero rows and orders it by score (the hooks undo both; see
+    test_opencv_serves_caffe_ssd_detections)."""
+    layers = load_caffe_net(DETECTION / "deploy.prototxt").definition.layer
+    params = []
+    for engine in ENGINES:
+        why = "; ".join(f"{kind} ({layer}): {reason}" for layer, kind, reason in find_gaps(engine, layers))
+        params.append(pytest.param(engine, marks=[pytest.mark.xfail(strict=True, reason=why)] if why else []))
+    return params
 
 
 def scenes_batch(first: int, count: int) -> np.ndarray:
@@ -81,7 +97,7 @@ def test_map_on_held_out_scenes_is_what_the_readme_says():
         assert abs(float(quoted.group(1)) - float(value)) <= MAP_TOLERANCE, (line, quoted.group(0))
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", raw_engines())
 @pytest.mark.parametrize("first,count", [(0, 1), (1, 1), (2, 1), (3, 1), (4, 4)], ids=lambda v: str(v))
 def test_every_engine_gives_caffe_ssd_detections(engine, first, count, oracle_net):
     """Batch 1 (four scenes) and batch 4: rows, order and labels exact; scores and boxes within 1e-4."""
@@ -109,17 +125,31 @@ def test_the_caffe_net_computes_what_the_torch_net_learnt(oracle_net):
     np.testing.assert_array_equal(priors[0, 1], variances.ravel())
 
 
+def test_opencv_serves_caffe_ssd_detections(local, oracle_net):
+    """Through the hooks, which drop OpenCV's padding rows and order by score, OpenCV's
+    answers are caffe-ssd's. Held-out scenes give 1-11 rows; noise gives many weak candidates,
+    so keep_top_k cuts them to 20, and OpenCV's choice of the 20 is held to caffe-ssd's too."""
+    noise = np.random.default_rng(0).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
+    images = [shapes_data.scene("held-out", i).image for i in range(6)] + list(noise)
+    counts = []
+    for index, image in enumerate(images):
+        rows = fork_reference.forward(oracle_net, {"data": HOOKS.prepare(image)[None]}, ["detection_out"])
+        want = HOOKS.postprocess(rows, SimpleNamespace(tags={"threshold": 0}, image_size=(96, 96)))
+        assert_same_detections(ask(local, shapes_data.png(image), {"threshold": 0}), want, index)
+        counts.append(len(want["detections"]))
+    (layer,) = [la for la in oracle_net.definition.layer if la.type == "DetectionOutput"]
+    assert max(counts) == layer.detection_output_param.keep_top_k, counts
+
+
 @pytest.mark.parametrize("engine", ENGINES[1:])
 def test_every_engine_answers_requests_as_opencv_does(engine, local):
     other = SeldonCaffeModel(str(DETECTION), engine)
     other.load()
     try:
         for index in range(12):
-            want, got = ask(local, png(index), {"threshold": 0.05}), ask(other, png(index), {"threshold": 0.05})
-            assert [d["label"] for d in got["detections"]] == [d["label"] for d in want["detections"]], index
-            for mine, theirs in zip(got["detections"], want["detections"], strict=True):
-                assert abs(mine["score"] - theirs["score"]) <= TOLERANCE, (index, mine, theirs)
-                np.testing.assert_allclose(mine["box"], theirs["box"], rtol=0, atol=0.02)
+            assert_same_detections(
+                ask(other, png(index), {"threshold": 0}), ask(local, png(index), {"threshold": 0}), index
+            )
     finally:
         other.model.close()
 
@@ -211,6 +241,14 @@ def test_v2_rest_and_grpc_answer_as_in_process(local):
         with grpc.insecure_channel(f"127.0.0.1:{v2.grpc_port}") as channel:
             answer = dataplane_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(over_grpc, timeout=120)
         assert v2_json(json.loads(ModelInferResponseConverter.to_types(answer).model_dump_json())) == want
+
+
+def assert_same_detections(got: dict, want: dict, index: int) -> None:
+    """The same labels in the same order, scores within 1e-4, boxes within 1e-4 of 96 px plus rounding."""
+    assert [d["label"] for d in got["detections"]] == [d["label"] for d in want["detections"]], index
+    for mine, theirs in zip(got["detections"], want["detections"], strict=True):
+        assert abs(mine["score"] - theirs["score"]) <= TOLERANCE, (index, mine, theirs)
+        np.testing.assert_allclose(mine["box"], theirs["box"], rtol=0, atol=0.02, err_msg=f"scene {index}")
 
 
 def rest_json(response):

@@ -33,7 +33,15 @@ import pytest
 from test_conformance import BATCHES, LAYER_NETS, REL_TOL, relative_error, runs_on_real_caffe
 
 from caffe_oracle import fork_reference, reference
-from seldon_caffe.caffe import CaffeNet, caffe_pb2, load_caffe_net, read_prototxt, upgrade_net
+from seldon_caffe.caffe import (
+    CaffeFormatError,
+    CaffeNet,
+    caffe_pb2,
+    load_caffe_net,
+    parse_prototxt,
+    read_prototxt,
+    upgrade_net,
+)
 from seldon_caffe.caffe.to_onnx import caffe_to_onnx
 from seldon_caffe.config import parse_config
 from seldon_caffe.runtimes import REGISTRY, Runtime, load_runtime
@@ -334,3 +342,71 @@ def test_numpy_interpreter_matches_real_caffe_on_bvlc_layers(tmp_path: Path) -> 
         for output, want in caffe["outputs"].items():
             error = relative_error(ours[output], want)
             assert error <= REL_TOL, f"{name} {output}: relative error {error:.2e}"
+
+
+REFUSED = {
+    "max_size below min_size": (
+        'layer { name: "p" type: "PriorBox" bottom: "data" bottom: "data" top: "p"'
+        " prior_box_param { min_size: 8 max_size: 4 } }",
+        "max_size must be greater",
+    ),
+    "permute order repeats an axis": (
+        'layer { name: "p" type: "Permute" bottom: "data" top: "p" permute_param { order: 0 order: 2 order: 2 } }',
+        "distinct axes",
+    ),
+    "confidences for another class count": (
+        'layer { name: "p" type: "PriorBox" bottom: "data" bottom: "data" top: "priors"'
+        " prior_box_param { min_size: 2 } }\n"
+        'layer { name: "d" type: "DetectionOutput" bottom: "data" bottom: "data" bottom: "priors" top: "d"'
+        " detection_output_param { num_classes: 5 } }",
+        "confidences per image",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_settings_caffe_ssd_refuses_are_refused_at_load_naming_the_layer(case: str) -> None:
+    text, why = REFUSED[case]
+    head = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 4 dim: 2 dim: 2 } } }\n'
+    with pytest.raises(CaffeFormatError, match=rf"layer '(p|d)' \(\w+\): .*{why}"):
+        CaffeNet(parse_prototxt(head + text))
+
+
+@pytest.mark.parametrize("center_point_box", [0, 1])
+def test_torch_non_max_suppression_is_onnx_s(center_point_box: int) -> None:
+    """The torch form of ONNX NonMaxSuppression (no torchvision) selects what onnxruntime
+    selects, in the same order: thresholds, a per-class limit, boxes given either way round."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper
+
+    from seldon_caffe.caffe.to_torch import onnx_to_torch
+
+    rng = np.random.default_rng(center_point_box)
+    boxes = rng.uniform(0, 1, (2, 30, 4)).astype(np.float32)  # corners in any order
+    scores = rng.uniform(0, 1, (2, 3, 30)).astype(np.float32)
+    node = helper.make_node(
+        "NonMaxSuppression",
+        ["boxes", "scores", "limit", "iou", "score"],
+        ["selected"],
+        center_point_box=center_point_box,
+    )
+    graph = helper.make_graph(
+        [node],
+        "nms",
+        [
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, a.shape)
+            for n, a in (("boxes", boxes), ("scores", scores))
+        ],
+        [helper.make_tensor_value_info("selected", TensorProto.INT64, [None, 3])],
+        initializer=[
+            helper.make_tensor("limit", TensorProto.INT64, [1], [7]),
+            helper.make_tensor("iou", TensorProto.FLOAT, [1], [0.3]),
+            helper.make_tensor("score", TensorProto.FLOAT, [1], [0.2]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (want,) = session.run(None, {"boxes": boxes, "scores": scores})
+    got = onnx_to_torch(model)(torch.from_numpy(boxes), torch.from_numpy(scores))["selected"].numpy()
+    assert len(want) > 10 and np.array_equal(got, want)

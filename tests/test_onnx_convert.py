@@ -18,11 +18,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 from helpers import ZOO
+from test_fork_layers import make_inputs
 
 from seldon_caffe.caffe import CaffeFormatError, CaffeNet, infer_shapes, load_caffe_net, parse_prototxt
+from seldon_caffe.caffe.forks import FORK_SHAPE_RULES
 from seldon_caffe.caffe.forks.ssd import DATA_DEPENDENT_DIMS
 from seldon_caffe.caffe.to_onnx import BATCH_DIM, UnsupportedLayer, caffe_to_onnx, unconvertible_layers
 from seldon_caffe.runtimes.gaps import find_gaps
+from seldon_caffe.weights import fill_random_weights
 
 LAYER_NETS = sorted((Path(__file__).parent / "layer_nets").glob("*.prototxt"))
 SMALL_ZOO = ("lenet", "mnist_siamese", "squeezenet_v1_1", "bvlc_googlenet")
@@ -94,7 +97,12 @@ def test_every_supported_layer_type_has_a_converter() -> None:
 def test_converts_checker_clean_with_caffe_names_and_any_batch(path: Path, opset: int) -> None:
     if not path.exists():
         pytest.skip(f"{path} not found")
-    net = random_net(path)
+    forks = any(layer.type in FORK_SHAPE_RULES for layer in load_caffe_net(path).definition.layer)
+    if forks:  # their weights and inputs must be valid (BN variances, ROI boxes): made as test_fork_layers makes them
+        net = load_caffe_net(path)
+        fill_random_weights(net)
+    else:
+        net = random_net(path)
     refused = find_gaps("onnxruntime", net.definition.layer)  # what the converter cannot express
     if refused:
         with pytest.raises(UnsupportedLayer, match=refused[0][0]):
@@ -108,8 +116,9 @@ def test_converts_checker_clean_with_caffe_names_and_any_batch(path: Path, opset
     for value in graph.input:
         assert value.type.tensor_type.shape.dim[0].dim_param == BATCH_DIM
     batch = 3  # not the declared batch: the graph must really take any batch size
-    got = run_onnx(model, random_inputs(net, batch))
-    shapes = infer_shapes(net.definition, {n: (batch, *s[1:]) for n, s in net.input_shapes.items()})
+    feed = make_inputs(net, batch, seed=1) if forks else random_inputs(net, batch)
+    got = run_onnx(model, feed)
+    shapes = infer_shapes(net.definition, {name: value.shape for name, value in feed.items()})  # ROIs: their own count
     free = {la.top[i]: axes for la in net.definition.layer for i, axes in DATA_DEPENDENT_DIMS.get(la.type, {}).items()}
     for name in net.outputs:  # DetectionOutput's rows: as many as the data gives
         fixed = [d for i, d in enumerate(shapes[name]) if i not in free.get(name, ())]

@@ -18,6 +18,7 @@ SEGNET_PSPNET = "SegNet / PSPNet (caffe-segnet, hszhao/PSPNet)"
 PSPNET = "PSPNet / DeepLab (hszhao/PSPNet)"
 SHUFFLENET = "ShuffleNet (farmingyard/ShuffleNet)"
 CEIL_MODE = "BVLC/caffe PR #3057 (DenseNet, ENet ports)"
+RELU6 = "MobileNet v2 ports' ReLU6 layer"
 
 # Messages that exist only in forks: full name -> fork.
 FORK_MESSAGES: dict[str, str] = {
@@ -41,6 +42,7 @@ FORK_MESSAGES: dict[str, str] = {
     "caffe.UpsampleParameter": SEGNET,
     "caffe.InterpParameter": PSPNET,
     "caffe.ShuffleChannelParameter": SHUFFLENET,
+    "caffe.ReLU6Parameter": RELU6,
 }
 
 # Fork fields added to BVLC messages: (message full name, field name) -> fork.
@@ -56,6 +58,7 @@ FORK_FIELDS: dict[tuple[str, str], str] = {
     ("caffe.LayerParameter", "upsample_param"): SEGNET,
     ("caffe.LayerParameter", "interp_param"): PSPNET,
     ("caffe.LayerParameter", "shuffle_channel_param"): SHUFFLENET,
+    ("caffe.LayerParameter", "relu6_param"): RELU6,
     ("caffe.PoolingParameter", "ceil_mode"): CEIL_MODE,
     ("caffe.DropoutParameter", "scale_train"): FASTER_RCNN,
 }

@@ -27,6 +27,7 @@ from .io import (
     read_bytes,
 )
 from .params import param_shapes
+from .python_layer import model_directory
 from .shapes import infer_shapes
 from .tolerant import unknown_fields
 from .upgrade import upgrade_net
@@ -94,7 +95,10 @@ class CaffeNet:
         self._layer_params: dict[str, caffe_pb2.LayerParameter] = {}
         self._param_shapes: dict[str, list[Shape]] = {}
         try:
-            self.shapes: dict[str, Shape] = infer_shapes(net)
+            # A Python layer's shapes come from its class, imported from the prototxt's directory
+            # unless a runtime named the model directory (caffe/python_layer.py).
+            with model_directory(os.path.dirname(source) if os.path.isfile(source) else None, keep_outer=True):
+                self.shapes: dict[str, Shape] = infer_shapes(net)
             for layer in net.layer:
                 shapes = param_shapes(layer, [self.shapes[b] for b in layer.bottom])
                 if shapes and layer.name in self._layer_params:

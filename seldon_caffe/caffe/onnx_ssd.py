@@ -146,20 +146,13 @@ def _detection_output(v: LayerView) -> None:
 
 
 def _decoded_boxes(v: LayerView, priors: int, loc_classes: int) -> str:
-    """DecodeBBox for every prior (and location class): [N, priors, loc classes, 4], unclipped."""
+    """DecodeBBox for every prior (and location class): [N, priors, loc classes, 4], clipped
+    to [0, 1] only with `clip` (OpenCV's extension; caffe-ssd never clips)."""
     p = v.param.detection_output_param
     offsets = _split(v, v.g.reshape(v.inputs[0], [0, priors, loc_classes, _LOC], hint=v.name))
-    prior = v.g.reshape(v.inputs[2], [-1], hint=v.name)
-    prior = v.tmp("Slice", [prior, v.g.ints([0], "starts"), v.g.ints([2 * priors * _BOX], "ends")])
-    box, variance = v.g.node(
-        "Split",
-        [v.g.reshape(prior, [2, priors, 1, _BOX], hint=v.name), v.g.ints([1, 1], "split")],
-        2,
-        hint=v.name,
-        axis=0,
-    )
+    box, variance = _priors(v, priors, with_variance=not p.variance_encoded_in_target)
     x1, y1, x2, y2 = _split(v, box)  # each [1, priors, 1, 1]
-    if not p.variance_encoded_in_target:
+    if variance is not None:
         offsets = [v.tmp("Mul", [var, o]) for var, o in zip(_split(v, variance), offsets, strict=True)]
     dx1, dy1, dx2, dy2 = offsets
     if p.code_type == _CODE.CORNER:
@@ -181,7 +174,23 @@ def _decoded_boxes(v: LayerView, priors: int, loc_classes: int) -> str:
             corners += [v.tmp("Add", [cx, half_w]), v.tmp("Add", [cy, half_h])]
     else:
         raise v.unsupported(f"unknown code_type {p.code_type}")
-    return v.tmp("Concat", corners, axis=3)
+    boxes = v.tmp("Concat", corners, axis=3)
+    if p.clip:  # OpenCV's field (its face detector sets it): boxes clipped to the image before NMS
+        boxes = v.tmp("Clip", [boxes, v.g.const(0.0, "zero"), v.g.const(1.0, "one")])
+    return boxes
+
+
+def _priors(v: LayerView, priors: int, with_variance: bool) -> tuple[str, str | None]:
+    """The prior boxes and (unless the variance is encoded in the target) their variances,
+    each [1, priors, 1, 4], from PriorBox's [1, 2, priors * 4] (only its first item is read)."""
+    parts = 2 if with_variance else 1
+    flat = v.g.reshape(v.inputs[2], [-1], hint=v.name)
+    flat = v.tmp("Slice", [flat, v.g.ints([0], "starts"), v.g.ints([parts * priors * _BOX], "ends")])
+    stacked = v.g.reshape(flat, [parts, priors, 1, _BOX], hint=v.name)
+    if not with_variance:
+        return stacked, None
+    box, variance = v.g.node("Split", [stacked, v.g.ints([1, 1], "split")], 2, hint=v.name, axis=0)
+    return box, variance
 
 
 def _split(v: LayerView, x: str) -> list[str]:
@@ -242,27 +251,28 @@ def _keep_top_k(v: LayerView, keep: str, values: str, keep_top_k: int, per_image
 def _rows(v: LayerView, keep: str, values: str, boxes: str, labels: list[int], k: int) -> None:
     """The kept candidates as rows (image, label, score, box), or caffe-ssd's one row of -1s
     per image when no image kept any: [1, 1, rows, 7]."""
-    per_image = len(labels) * k
-    first = v.g.reshape(v.inputs[1], [0, -1], hint=v.name)
-    first = v.tmp("Slice", [first, v.g.ints([0], "starts"), v.g.ints([1], "ends"), v.g.ints([1], "axes")])
-    ones = v.tmp("ConstantOfShape", [v.tmp("Shape", [first])], value=_scalar(1.0))  # [N, 1]
-    image = v.tmp("Sub", [v.tmp("CumSum", [ones, v.g.ints([0], "axis")]), v.g.const(1.0, "one")])
+    ones, image = _image_ids(v)  # [N, 1] each
+    per_image = np.ones((1, len(labels) * k), np.float32)
     label_row = np.repeat(np.asarray(labels, np.float32), k)[None]
     columns = [
-        v.tmp("Mul", [image, v.g.const(np.ones((1, per_image), np.float32), f"{v.name}/ones")]),
+        v.tmp("Mul", [image, v.g.const(per_image, f"{v.name}/ones")]),
         v.tmp("Mul", [ones, v.g.const(label_row, f"{v.name}/labels")]),
         values,
     ]
     table = [v.g.reshape(c, [-1, 1], hint=v.name) for c in columns] + [v.g.reshape(boxes, [-1, _BOX], hint=v.name)]
-    none_kept = v.tmp(
-        "Greater", [v.g.const([0.5], "half"), v.g.reduce("ReduceSum", keep, [0], keepdims=True, hint=v.name)]
-    )
-    empty_rows = v.tmp(
-        "Concat",
-        [image, v.tmp("Tile", [v.tmp("Mul", [ones, v.g.const(-1.0, "minus_one")]), v.g.ints([1, 6], "repeats")])],
-        axis=1,
-    )
-    empty_flags = v.tmp("Mul", [v.g.reshape(ones, [-1], hint=v.name), v.tmp("Cast", [none_kept], to=TensorProto.FLOAT)])
+    minus_ones = v.tmp("Tile", [v.tmp("Mul", [ones, v.g.const(-1.0, "minus_one")]), v.g.ints([1, 6], "repeats")])
+    empty_rows = v.tmp("Concat", [image, minus_ones], axis=1)
+    total = v.g.reduce("ReduceSum", keep, [0], keepdims=True, hint=v.name)
+    none_kept = v.tmp("Cast", [v.tmp("Greater", [v.g.const([0.5], "half"), total])], to=TensorProto.FLOAT)
+    empty_flags = v.tmp("Mul", [v.g.reshape(ones, [-1], hint=v.name), none_kept])
     candidates = v.tmp("Concat", [v.tmp("Concat", table, axis=1), empty_rows], axis=0)
     chosen = v.g.reshape(v.tmp("NonZero", [v.tmp("Concat", [keep, empty_flags], axis=0)]), [-1], hint=v.name)
     v.emit("Unsqueeze", [v.tmp("Gather", [candidates, chosen], axis=0), v.g.ints([0, 1], "axes")])
+
+
+def _image_ids(v: LayerView) -> tuple[str, str]:
+    """[N, 1] ones and [N, 1] image indices 0..N-1, for the batch the scores arrive with."""
+    first = v.g.reshape(v.inputs[1], [0, -1], hint=v.name)
+    first = v.tmp("Slice", [first, v.g.ints([0], "starts"), v.g.ints([1], "ends"), v.g.ints([1], "axes")])
+    ones = v.tmp("ConstantOfShape", [v.tmp("Shape", [first])], value=_scalar(1.0))
+    return ones, v.tmp("Sub", [v.tmp("CumSum", [ones, v.g.ints([0], "axis")]), v.g.const(1.0, "one")])

@@ -60,7 +60,8 @@ __all__ = [
 
 def unconvertible_layers() -> list[str]:
     """Layer types our Caffe format reads but the converter cannot write (should be none)."""
-    return sorted(SUPPORTED_LAYERS - set(CONVERTERS) - set(_INPUT_LAYERS))
+    # A Python layer runs the user's code between the engine's parts (runtimes/segmented.py).
+    return sorted(SUPPORTED_LAYERS - set(CONVERTERS) - set(_INPUT_LAYERS) - {"Python"})
 
 
 def caffe_to_onnx(

@@ -1,6 +1,6 @@
 """torch forms of the ONNX ops that only the other forks' converters write (see torch_ops.py):
-MaxRoiPool (ROIPooling), Expand and ScatterElements (Upsample by a mask), Transpose
-(ShuffleChannel).
+MaxRoiPool (ROIPooling) and Expand (Upsample by a mask). Transpose (ShuffleChannel) and
+ScatterElements (Upsample) are caffe-ssd's too: torch_ops_ssd.py has them.
 
 They use plain torch only (no torchvision, which is an optional extra), with static shapes
 read at build time, so the graphs export and run on any device.
@@ -15,13 +15,6 @@ import numpy as np
 from .torch_ops import Node, ShapeOf, TorchBuilder, UnsupportedOp, op
 
 
-@op("Transpose")
-def _transpose(b: TorchBuilder, n: Node) -> Any:
-    x = b.tensor(n.inputs[0])
-    perm = n.attrs.get("perm") or list(reversed(range(b.rank(n.inputs[0], n))))
-    return x.permute(*perm)
-
-
 @op("Expand")
 def _expand(b: TorchBuilder, n: Node) -> Any:
     """ONNX's broadcast to a shape: constant (a 1 keeps the input's size) or Shape(y) (+ c)."""
@@ -34,23 +27,6 @@ def _expand(b: TorchBuilder, n: Node) -> Any:
     value = b.values[n.inputs[0]]
     rank = value.ndim if isinstance(value, np.ndarray) else b.rank(n.inputs[0], n)
     return x.expand(*([-1] * (rank - len(sizes)) + sizes))
-
-
-@op("ScatterElements")
-def _scatter_elements(b: TorchBuilder, n: Node) -> Any:
-    """`data` with `updates` written at `indices` along `axis`; of two updates naming one
-    position the later (in index order) wins, on every device: each position takes the
-    update whose flat number is largest (a scatter of numbers by max, then a gather)."""
-    if n.attrs.get("reduction", "none") != "none":
-        raise UnsupportedOp(f"ONNX node {n.name!r}: ScatterElements with a reduction")
-    torch = b.torch
-    data, index, updates = (b.tensor(name) for name in n.inputs)
-    axis = n.attrs.get("axis", 0) % b.rank(n.inputs[0], n)
-    index = torch.where(index < 0, index + data.size(axis), index)
-    order = torch.arange(updates.numel(), device=updates.device).reshape_as(updates)
-    winner = torch.full_like(data, -1, dtype=torch.int64).scatter_reduce(axis, index, order, "amax")
-    chosen = updates.reshape(-1)[winner.clamp(min=0).reshape(-1)].reshape_as(data)
-    return torch.where(winner >= 0, chosen, data)
 
 
 @op("MaxRoiPool")

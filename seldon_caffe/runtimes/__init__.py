@@ -15,6 +15,7 @@ built in memory (a part of a net cut at its Python layers, say) on any Caffe run
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -111,10 +112,27 @@ def load_caffe_runtime(
 
 def _load_named(config: ModelConfig, name: str) -> Runtime:
     options = declaration(name).options.from_config(config)  # checked before the engine is imported
-    runtime = runtime_class(name)(config)
+    runtime = _around_python_layers(config, name) or runtime_class(name)(config)
     _apply_signature_overrides(runtime, config)
     runtime.allow_non_finite = options.allow_non_finite
     return runtime
+
+
+def _around_python_layers(config: ModelConfig, name: str) -> Runtime | None:
+    """A Caffe net with Python layers on an engine: cut at those layers, each part on the
+    engine, the layers' code in this process (runtimes/segmented.py). pycaffe runs it whole."""
+    if name == "pycaffe" or config.format != "caffe":
+        return None
+    from .segmented import SegmentedRuntime, has_python_layers
+
+    if not has_python_layers(config):
+        return None
+    if "caffe" not in inspect.signature(runtime_class(name)).parameters:  # it cannot serve a net made in memory
+        raise ModelLoadError(
+            f"{config.source}: runtime {name} cannot serve a net with Python layers; "
+            "use opencv, onnxruntime, openvino, torch, or pycaffe (which runs the whole net in your Caffe)"
+        )
+    return SegmentedRuntime(config, name)
 
 
 def _apply_signature_overrides(runtime: Runtime, config: ModelConfig) -> None:

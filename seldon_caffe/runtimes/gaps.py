@@ -36,6 +36,7 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "Log": "OpenCV ignores log_param base/scale/shift and computes ln(x): outputs differ",
         "MVN": "OpenCV adds eps to the variance where Caffe adds it to the standard deviation: outputs "
         "differ by about eps / (2 std) relative (flagged for eps >= 1e-5; the default 1e-9 is exact)",
+        "ReLU6": "OpenCV ignores relu6_param.negative_slope and clips at 0: outputs differ when it is set",
         "Swish": "OpenCV ignores swish_param.beta and computes x * sigmoid(x): outputs differ when beta != 1",
         # caffe-ssd's layers (tests/test_fork_layers.py holds them to caffe_oracle/numpy_ssd.py).
         "Normalize": "OpenCV cannot scale per channel after a norm over C, H and W (across_spatial with "
@@ -78,6 +79,7 @@ _APPLIES: dict[tuple[str, str], Callable[[Any], bool]] = {
     ),
     ("opencv", "MVN"): lambda layer: layer.mvn_param.normalize_variance and layer.mvn_param.eps >= 1e-5,
     ("opencv", "Swish"): lambda layer: abs(layer.swish_param.beta - 1.0) > 1e-6,
+    ("opencv", "ReLU6"): lambda layer: layer.relu6_param.negative_slope != 0.0,
     ("opencv", "Normalize"): lambda layer: layer.norm_param.across_spatial and not layer.norm_param.channel_shared,
     ("opencv", "Permute"): lambda layer: (
         sorted(layer.permute_param.order) != list(range(len(layer.permute_param.order)))

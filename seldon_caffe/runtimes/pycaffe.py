@@ -16,14 +16,19 @@ the batch free.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..caffe import CaffeFormatError
+from ..caffe.python_layer import model_directory
 from ..caffe.tolerant import unsupported_types
 from ..config import ModelConfig
 from ..errors import BadRequest, ModelLoadError, SeldonCaffeError
@@ -32,6 +37,7 @@ from .base import Arrays, Runtime, TensorSpec
 from .builtin import PycaffeOptions
 from .caffe_model import CaffeModel
 from .pycaffe_process import WorkerProcess
+from .segmented import has_python_layers
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +47,20 @@ class PycaffeRuntime(Runtime):
 
     def __init__(self, config: ModelConfig, caffe: CaffeModel | None = None):
         """`caffe`: serve this Caffe net (e.g. one made in memory) instead of the config's files."""
-        self.model = caffe or _read_model(config)
+        # A net with Python layers: their modules are in the model directory, for Caffe and for
+        # our shape rules (caffe/python_layer.py), which run their setup + reshape here.
+        self._layer_root = config.model_dir if caffe is None and has_python_layers(config) else None
+        self.model = caffe or _read_model(config, self._layer_root)
         if caffe is not None:
             prototxt, weights = caffe.net().prototxt_bytes(), caffe.net().caffemodel_bytes()
         else:  # the user's files, untouched: their Caffe reads them
             prototxt, weights = config.files["prototxt"].read_bytes(), config.files["weights"].read_bytes()
         # checked in either mode: a typo should not wait for a worker to show
         options = PycaffeOptions.from_config(config)
+        layer_dirs = [self._layer_root] if self._layer_root is not None else []
         caffe, why = _import_caffe()
         if caffe is not None:
-            self._backend: InProcess | WorkerProcess = InProcess(caffe, prototxt, weights)
+            self._backend: InProcess | WorkerProcess = InProcess(caffe, prototxt, weights, layer_dirs)
         elif options.pycaffe_command:
             self._backend = WorkerProcess(
                 list(options.pycaffe_command),
@@ -60,6 +70,7 @@ class PycaffeRuntime(Runtime):
                 label=config.name,
                 timeout_s=options.timeout_s,
                 spare=options.spare_worker,
+                python_path=[seen_by(list(options.pycaffe_command), d) for d in layer_dirs],
             )
         else:
             raise ModelLoadError(
@@ -71,6 +82,8 @@ class PycaffeRuntime(Runtime):
         if self.model is not None:
             self.inputs, self.outputs = list(self.model.inputs), list(self.model.outputs)
             self.example_shapes = dict(self.model.warm_shapes)
+            if self._layer_root is not None:  # a Python layer's forward may size any blob after it
+                self.outputs = [replace(spec, shape=(-1,) * len(spec.shape)) for spec in self.outputs]
         else:
             self.inputs = [_spec(item) for item in info["inputs"]]
             self.outputs = _described_outputs(info, config)
@@ -79,7 +92,8 @@ class PycaffeRuntime(Runtime):
 
     def _run(self, feed: Arrays, outputs: list[str]) -> Arrays:
         if self.model is not None and self.model.has_free_dims:
-            self.model.check({name: array.shape for name, array in feed.items()})  # a CHECK failure kills Caffe
+            with model_directory(self._layer_root):  # the shape rules of Python layers import them
+                self.model.check({name: array.shape for name, array in feed.items()})  # a CHECK failure kills Caffe
         header = {"op": "run", "inputs": list(feed), "outputs": outputs}
         results = self._backend.request(header, list(feed.values()))
         return {name: results[i] for i, name in enumerate(outputs)}
@@ -95,8 +109,9 @@ class PycaffeRuntime(Runtime):
         self._backend.close()
 
 
-def _read_model(config: ModelConfig) -> CaffeModel | None:
-    """The net as our parser reads it, or None where it cannot (Caffe may: a fork's layer)."""
+def _read_model(config: ModelConfig, layer_root: Path | None) -> CaffeModel | None:
+    """The net as our parser reads it, or None where it cannot (Caffe may: a fork's layer, a
+    Python layer whose module imports only in the user's Caffe's Python)."""
     try:
         unknown = unsupported_types(config.files["prototxt"])
         if unknown:  # the user's Caffe gets the files untouched and is the judge of these
@@ -106,7 +121,8 @@ def _read_model(config: ModelConfig) -> CaffeModel | None:
                 ", ".join(unknown),
             )
             return None
-        return CaffeModel.from_config(config)
+        with model_directory(layer_root):
+            return CaffeModel.from_config(config)
     except CaffeFormatError as exc:
         logger.info("%s; the signature is the one Caffe describes", exc)
         return None
@@ -132,6 +148,45 @@ def _spec(item: dict[str, Any]) -> TensorSpec:
     return TensorSpec(item["name"], "float32", (-1, *shape[1:]) if shape else shape)
 
 
+def seen_by(command: list[str], directory: Path) -> str:
+    """`directory` as the worker's interpreter sees it: under `chroot ROOT ...`, its path
+    inside ROOT. A directory outside ROOT cannot be seen there (a warning says so): place
+    the model directory under ROOT for its Python layers to import."""
+    root = _chroot_root(command)
+    if root is None:
+        return str(directory)
+    try:
+        return "/" + str(directory.resolve().relative_to(root.resolve()))
+    except ValueError:
+        logger.warning(
+            "%s is outside the chroot %s: the pycaffe worker cannot import the net's Python layers from it; "
+            "place the model directory under %s",
+            directory,
+            root,
+            root,
+        )
+        return str(directory)
+
+
+def _chroot_root(command: list[str]) -> Path | None:
+    """ROOT of a `chroot [OPTION...] ROOT COMMAND` command line, else None."""
+    if not command or Path(command[0]).name != "chroot":
+        return None
+    return next((Path(arg) for arg in command[1:] if not arg.startswith("-")), None)
+
+
+@contextlib.contextmanager
+def _on_sys_path(directories: Sequence[Path]) -> Iterator[None]:
+    entries = [str(d) for d in directories if str(d) not in sys.path]
+    sys.path[:0] = entries
+    try:
+        yield
+    finally:
+        for entry in entries:
+            if entry in sys.path:
+                sys.path.remove(entry)
+
+
 def _import_caffe() -> tuple[Any, str]:
     try:
         return wire.import_caffe(light=False), ""
@@ -146,10 +201,11 @@ class InProcess:
     keeps the thread count it started with (options.threads cannot change it).
     """
 
-    def __init__(self, caffe: Any, prototxt: bytes, weights: bytes):
+    def __init__(self, caffe: Any, prototxt: bytes, weights: bytes, layer_dirs: Sequence[Path] = ()):
         self._handler: wire.NetHandler | None
         try:
-            self._handler = handler = wire.NetHandler(caffe, prototxt, weights)
+            with _on_sys_path(layer_dirs):  # where Caffe imports Python layers' modules, while it does
+                self._handler = handler = wire.NetHandler(caffe, prototxt, weights)
         except Exception as exc:  # a prototxt that does not parse, a file Caffe's reader rejects
             raise ModelLoadError(f"pycaffe cannot load the net: {type(exc).__name__}: {exc}") from None
         self._lock = threading.Lock()  # one caffe.Net: its blobs are shared state

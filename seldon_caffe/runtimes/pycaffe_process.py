@@ -72,8 +72,10 @@ class WorkerProcess:
         label: str = "model",
         timeout_s: float = DEFAULT_TIMEOUT_S,
         spare: bool = True,
+        python_path: Sequence[str] = (),
     ):
         self.command = command
+        self.python_path = list(python_path)  # the worker imports Python layers' modules from there
         self.spare = spare  # keep a started worker in reserve (_start)
         self._spare: subprocess.Popen | None = None
         self.label = label
@@ -177,7 +179,7 @@ class WorkerProcess:
         self._stderr_reader = threading.Thread(target=self._log_stderr, args=(proc,), daemon=True)
         self._stderr_reader.start()
         timeout = max(self.timeout_s, START_TIMEOUT_S)
-        info, _ = self._exchange({"op": "load"}, self._files, timeout)
+        info, _ = self._exchange({"op": "load", "python_path": self.python_path}, self._files, timeout)
         _raise_reply(info, "load")
         for layer, arrays in self._weights_set.items():
             reply, _ = self._exchange({"op": "set_weights", "layer": layer}, arrays, timeout)

@@ -14,7 +14,8 @@ a frame is a 4-byte big-endian length, a JSON header of that length, then the ra
 of the arrays the header lists under "arrays" (dtype string and shape each), in order.
 Arrays never go through JSON or pickle: a 224x224 image batch is one write and one read.
 
-Requests: {"op": "load"} + [prototxt bytes, caffemodel bytes] as uint8 arrays;
+Requests: {"op": "load", "python_path": [dirs]} + [prototxt bytes, caffemodel bytes] as uint8
+arrays (python_path: where the net's Python layers' modules are, as this process sees it);
 {"op": "run", "inputs": [names], "outputs": [names]} + input arrays;
 {"op": "get_weights", "layer": name}; {"op": "set_weights", "layer": name} + arrays;
 {"op": "close"}. Replies: {"ok": true, ...} + arrays, or {"ok": false, "kind":
@@ -248,6 +249,14 @@ def import_caffe(light=False):
     return caffe
 
 
+def add_python_path(entries):
+    """Put the model directory first on sys.path, where Caffe imports a Python layer's module
+    (python_param.module) from. For good: this process serves that one model."""
+    for entry in reversed(entries):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+
+
 def serve(inp, out, caffe):
     """Answer requests until `close` or until the parent closes the pipe."""
     handler = None
@@ -261,6 +270,7 @@ def serve(inp, out, caffe):
                 write_frame(out, {"ok": True})
                 return
             if header.get("op") == "load":
+                add_python_path(header.get("python_path") or [])
                 handler = NetHandler(caffe, arrays[0].tobytes(), arrays[1].tobytes())
                 reply, results = dict(handler.describe(), ok=True), []
             elif handler is None:

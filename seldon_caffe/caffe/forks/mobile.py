@@ -68,8 +68,8 @@ def _same_shape(layer: caffe_pb2.LayerParameter, bottoms: list[Shape]) -> list[S
 
 
 def relu6_slope(layer: caffe_pb2.LayerParameter) -> float:
-    """ReLU6's negative_slope (the MobileNetV2 ports' relu6_param; 0 when our proto lacks it)."""
-    return layer.relu6_param.negative_slope if "relu6_param" in layer.DESCRIPTOR.fields_by_name else 0.0
+    """ReLU6's negative_slope (the MobileNetV2 ports' relu6_param, default 0)."""
+    return layer.relu6_param.negative_slope
 
 
 SHAPE_RULES: dict[str, Rule] = {

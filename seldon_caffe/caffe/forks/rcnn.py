@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from .. import caffe_pb2
 from .._geometry import LayerError, Shape
+from ..python_layer import top_shapes as _python_layer
 
 Rule = Callable[[caffe_pb2.LayerParameter, list[Shape]], list[Shape]]
 
@@ -27,5 +28,6 @@ def _roi_pooling(layer: caffe_pb2.LayerParameter, bottoms: list[Shape]) -> list[
     return [(rois[0], features[1], p.pooled_h, p.pooled_w)]
 
 
-SHAPE_RULES: dict[str, Rule] = {"ROIPooling": _roi_pooling}
+# A Python layer's tops are what its class's setup + reshape give (caffe/python_layer.py).
+SHAPE_RULES: dict[str, Rule] = {"ROIPooling": _roi_pooling, "Python": _python_layer}
 PARAM_RULES: dict[str, Rule] = {}
