@@ -176,15 +176,20 @@ def needs_engine(runtime: str) -> None:
     pytest.importorskip(runtime if runtime != "opencv" else "cv2", reason=f"install {REGISTRY[runtime].install}")
 
 
-def write_model(directory: Path, prototxt: str, modules: dict[str, str], weights: bool = True, **fields: Any) -> Path:
+def write_model(
+    directory: Path, prototxt: str, modules: dict[str, str], weights: bool | Path = True, **fields: Any
+) -> Path:
     """A model directory: deploy.prototxt, the layer modules, random weights (our writer,
-    which imports the layer from the prototxt's directory), model.yaml with `fields`."""
+    which imports the layer from the prototxt's directory; or a copy of `weights`), model.yaml
+    with `fields`."""
     directory.mkdir(parents=True)
     for name, source in modules.items():
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
         (directory / name).write_text(source)
     (directory / "deploy.prototxt").write_text(prototxt)
-    if weights:
+    if isinstance(weights, Path):
+        shutil.copy(weights, directory / "weights.caffemodel")
+    elif weights:
         net = load_caffe_net(directory / "deploy.prototxt")
         fill_random_weights(net, seed=0)
         (directory / "weights.caffemodel").write_bytes(net.caffemodel_bytes())
@@ -211,7 +216,7 @@ def under_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 PROPOSALS = (DATA / "proposals.prototxt").read_text()
 FEEDS = {
     "image": np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32),
-    "other image": np.random.default_rng(2).standard_normal((1, 3, 8, 8)).astype(np.float32),
+    "other image": np.random.default_rng(6).standard_normal((1, 3, 8, 8)).astype(np.float32),
     "batch of 2": np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32),
     "another size": np.random.default_rng(4).standard_normal((1, 3, 10, 12)).astype(np.float32),
 }
@@ -287,7 +292,10 @@ def test_each_model_directory_has_its_own_layer_module(tmp_path: Path) -> None:
         halved = NMS_LAYER.replace("top[0].data[...] = kept", "top[0].data[...] = kept / 2")
         first = write_model(tmp_path / "first", PROPOSALS, {"nms_layer.py": NMS_LAYER}, outputs=[{"name": "kept"}])
         second = write_model(tmp_path / "second", PROPOSALS, {"nms_layer.py": halved}, outputs=[{"name": "kept"}])
-        with load_runtime(load_config(first, runtime="onnxruntime")) as a, load_runtime(load_config(second)) as b:
+        with (
+            load_runtime(load_config(first, runtime="onnxruntime")) as a,
+            load_runtime(load_config(second, runtime="onnxruntime")) as b,
+        ):
             np.testing.assert_allclose(b.run(FEEDS["image"])["kept"] * 2, a.run(FEEDS["image"])["kept"], rtol=1e-6)
         assert sys.modules["nms_layer"] is marker
         assert "caffe" not in sys.modules
@@ -318,26 +326,32 @@ def _refused(directory: Path) -> str:
     return str(info.value)
 
 
-def test_a_missing_module_or_class_says_where_it_looked_and_what_caffe_expects(tmp_path: Path) -> None:
+def test_a_missing_module_or_class_says_where_it_looked_and_what_caffe_expects(tmp_path: Path, proposals: Path) -> None:
     elsewhere = PROPOSALS.replace('module: "nms_layer"', 'module: "layers.nms"')
-    message = _refused(write_model(tmp_path / "module", elsewhere, {}, weights=False))
+    message = _refused(write_model(tmp_path / "module", elsewhere, {}, weights=proposals / "weights.caffemodel"))
     assert "layer 'nms' (Python)" in message and "cannot find module 'layers.nms'" in message
     assert f"in the model directory {tmp_path / 'module'} (layers/nms.py" in message
     assert "subclasses caffe.Layer" in message and "forward(self, bottom, top)" in message
 
     renamed = PROPOSALS.replace('layer: "NMSLayer"', 'layer: "NmsLayer"')
-    message = _refused(write_model(tmp_path / "class", renamed, {"nms_layer.py": NMS_LAYER}, weights=False))
+    message = _refused(
+        write_model(tmp_path / "class", renamed, {"nms_layer.py": NMS_LAYER}, weights=proposals / "weights.caffemodel")
+    )
     assert "has no class 'NmsLayer' (its classes: NMSLayer)" in message
     assert str(tmp_path / "class" / "nms_layer.py") in message and "subclasses caffe.Layer" in message
 
     plain = NMS_LAYER.replace("class NMSLayer(caffe.Layer):", "class NMSLayer:")
-    message = _refused(write_model(tmp_path / "plain", PROPOSALS, {"nms_layer.py": plain}, weights=False))
+    message = _refused(
+        write_model(tmp_path / "plain", PROPOSALS, {"nms_layer.py": plain}, weights=proposals / "weights.caffemodel")
+    )
     assert "class 'NMSLayer'" in message and "does not subclass caffe.Layer" in message
 
 
-def test_a_layer_that_fails_to_set_up_stops_the_load_naming_its_line(tmp_path: Path) -> None:
+def test_a_layer_that_fails_to_set_up_stops_the_load_naming_its_line(tmp_path: Path, proposals: Path) -> None:
     broken = PROPOSALS.replace("{'iou': 0.3, 'min_score': 0.5}", "{'iou': 0.3}")
-    message = _refused(write_model(tmp_path / "setup", broken, {"nms_layer.py": NMS_LAYER}, weights=False))
+    message = _refused(
+        write_model(tmp_path / "setup", broken, {"nms_layer.py": NMS_LAYER}, weights=proposals / "weights.caffemodel")
+    )
     assert "layer 'nms' (Python): setup() raised KeyError: 'min_score'" in message
     line = (
         NMS_LAYER.splitlines().index(
@@ -348,7 +362,11 @@ def test_a_layer_that_fails_to_set_up_stops_the_load_naming_its_line(tmp_path: P
     assert f"(at {tmp_path / 'setup' / 'nms_layer.py'}:{line})" in message
 
     needs_pycaffe_io = "import caffe.io\n" + NMS_LAYER
-    message = _refused(write_model(tmp_path / "io", PROPOSALS, {"nms_layer.py": needs_pycaffe_io}, weights=False))
+    message = _refused(
+        write_model(
+            tmp_path / "io", PROPOSALS, {"nms_layer.py": needs_pycaffe_io}, weights=proposals / "weights.caffemodel"
+        )
+    )
     assert "importing module 'nms_layer'" in message and "stand-in that has only Layer" in message
 
 

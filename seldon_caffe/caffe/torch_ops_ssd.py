@@ -8,12 +8,15 @@ a module that contains it can still be scripted.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..engines.torch import import_torch
 from .torch_ops import Node, TorchBuilder, UnsupportedOp, op
 
-torch = import_torch()  # only the torch runtime and converter import this module
+if TYPE_CHECKING:  # mypy reads torch's own types
+    import torch
+else:
+    torch = import_torch()  # only the torch runtime and converter import this module
 
 
 @op("Transpose")
