@@ -167,7 +167,21 @@ def split(layer, bottoms: list[np.ndarray], blobs: list[np.ndarray]) -> list[np.
     return [bottoms[0]] * len(layer.top)
 
 
+def power(layer, bottoms: list[np.ndarray], blobs: list[np.ndarray]) -> list[np.ndarray]:
+    """(shift + scale * x) ^ power."""
+    p = layer.power_param
+    return [(p.shift + p.scale * bottoms[0].astype(np.float64)) ** p.power]
+
+
+def dropout(layer, bottoms: list[np.ndarray], blobs: list[np.ndarray]) -> list[np.ndarray]:
+    """Test time: the input itself; py-faster-rcnn's scale_train: false scales by 1 - ratio."""
+    p = layer.dropout_param
+    return [bottoms[0] if p.scale_train else bottoms[0] * np.float32(1.0 - p.dropout_ratio)]
+
+
 BVLC_LAYERS: dict[str, Layer] = {
+    "Power": power,
+    "Dropout": dropout,
     "Convolution": convolution,
     "ReLU": relu,
     "Pooling": pooling,

@@ -219,12 +219,6 @@ def relu6(layer: caffe_pb2.LayerParameter, bottoms: list[np.ndarray], blobs: lis
     return [np.minimum(np.maximum(x, 0) + slope * np.minimum(x, 0), F32(6)).astype(F32)]
 
 
-def power(layer: caffe_pb2.LayerParameter, bottoms: list[np.ndarray], blobs: list[np.ndarray]) -> list:
-    """BVLC's Power, (shift + scale * x) ^ power: the relu6 net widens its input with it."""
-    p = layer.power_param
-    return [(p.shift + p.scale * bottoms[0].astype(np.float64)) ** p.power]
-
-
 def convolution_depthwise(layer: caffe_pb2.LayerParameter, bottoms: list[np.ndarray], blobs: list) -> list:
     """ConvolutionDepthwise: one kh x kw filter per input channel (num_output and group are
     ignored; see forks/mobile.py), i.e. BVLC's convolution with num_output = group = C."""
@@ -272,5 +266,4 @@ LAYERS: dict[str, Layer] = {
     "ConvolutionDepthwise": convolution_depthwise,
     "DepthwiseConvolution": depthwise_convolution,
     "Pooling": pooling,
-    "Power": power,  # a BVLC layer fork_reference.py does not have (yet)
 }

@@ -72,6 +72,7 @@ PUBLISHED = {
     "upsample_param": 149,
     "interp_param": 163,
     "shuffle_channel_param": 164,
+    "relu6_param": 100000,
 }
 
 

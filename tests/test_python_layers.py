@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from helpers import REPO
+from helpers import REPO, run_concurrently
 from service import running_service
 from test_conformance import REL_TOL, relative_error
 
@@ -271,6 +271,18 @@ def test_no_kept_rows_is_an_empty_answer(runtime: str, under_root: Path) -> None
     directory = under_root / f"empty-{runtime}"
     with load_runtime(load_config(write_model(directory, strict, {"nms_layer.py": NMS_LAYER}), runtime=runtime)) as rt:
         assert rt.run(FEEDS["image"])["prob"].shape == (0, 3)
+
+
+def test_concurrent_requests_get_their_own_rows(proposals: Path) -> None:
+    """The engine parts run side by side, the Python layer one call at a time: no request
+    gets another's rows."""
+    with load_runtime(load_config(proposals, runtime="onnxruntime")) as served:
+        feeds = list(FEEDS.values()) * 3
+        alone = [served.run(feed)["kept"] for feed in feeds]
+        got: dict[int, np.ndarray] = {}
+        run_concurrently(lambda i: got.__setitem__(i, served.run(feeds[i])["kept"]), len(feeds))
+        for i, want in enumerate(alone):
+            np.testing.assert_array_equal(got[i], want)
 
 
 def test_the_pycaffe_worker_imports_the_layer_from_the_model_directory_as_it_sees_it(tmp_path: Path) -> None:

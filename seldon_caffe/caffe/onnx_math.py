@@ -15,13 +15,24 @@ from .onnx_graph import LayerView, converts
 
 _FLOAT, _INT64 = 1, 7  # TensorProto element types
 
-_PLAIN = {"Sigmoid": "Sigmoid", "TanH": "Tanh", "AbsVal": "Abs", "BNLL": "Softplus", "Dropout": "Identity"}
+_PLAIN = {"Sigmoid": "Sigmoid", "TanH": "Tanh", "AbsVal": "Abs", "BNLL": "Softplus"}
 
 
 @converts(*_PLAIN)
 def plain(v: LayerView) -> None:
-    """One-to-one ops. Dropout is the identity at test time (Caffe 1.0 scales while training)."""
+    """One-to-one ops."""
     v.emit(_PLAIN[v.param.type], [v.inputs[0]])
+
+
+@converts("Dropout")
+def dropout(v: LayerView) -> None:
+    """The identity at test time, as Caffe 1.0 scales while training; py-faster-rcnn's
+    `scale_train: false` leaves training unscaled and scales by 1 - ratio at test time."""
+    p = v.param.dropout_param
+    if p.scale_train:
+        v.emit("Identity", [v.inputs[0]])
+    else:
+        v.emit("Mul", [v.inputs[0], v.g.const(1.0 - p.dropout_ratio, "keep")])
 
 
 @converts("ReLU")

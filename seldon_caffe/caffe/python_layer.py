@@ -34,6 +34,7 @@ import contextlib
 import contextvars
 import functools
 import importlib
+import importlib.util
 import os
 import sys
 import threading
@@ -50,7 +51,6 @@ from . import caffe_pb2
 from ._geometry import LayerError, Shape
 
 TRAIN, TEST = 0, 1  # caffe.TRAIN, caffe.TEST (a served net is in TEST)
-METHODS = ("setup", "reshape", "forward")
 CONTRACT = (
     "Caffe expects python_param.layer to name a class of that module that subclasses caffe.Layer and "
     "defines setup(self, bottom, top), reshape(self, bottom, top) and forward(self, bottom, top)"
@@ -164,9 +164,9 @@ STAND_IN = _stand_in()
 @functools.cache
 def _real_caffe() -> types.ModuleType | None:
     """pycaffe, where this Python has it (a broken build counts as none)."""
-    if importlib.util.find_spec("caffe") is None:
-        return None
     try:
+        if importlib.util.find_spec("caffe") is None:
+            return None
         return importlib.import_module("caffe")
     except Exception:
         return None
@@ -198,17 +198,15 @@ def layer_class(param: caffe_pb2.LayerParameter, root: Path | None) -> type:
     """The class python_param names, imported from `root` or sys.path; LayerError if not."""
     module_name, class_name = param.python_param.module, param.python_param.layer
     if not module_name or not class_name:
-        raise LayerError(
-            f"python_param needs module and layer (got module {module_name!r}, layer {class_name!r}); {CONTRACT}"
-        )
+        got = f"module {module_name!r}, layer {class_name!r}"
+        raise LayerError(f"python_param needs module and layer (got {got}); {CONTRACT}")
     module = _import(module_name, root)
     cls = getattr(module, class_name, None)
     where = f"module {module_name!r} ({getattr(module, '__file__', None) or 'built in'})"
     if not isinstance(cls, type):
         defined = sorted(n for n, v in vars(module).items() if isinstance(v, type) and v.__module__ == module.__name__)
-        raise LayerError(
-            f"{where} has no class {class_name!r} (its classes: {', '.join(defined) or 'none'}); {CONTRACT}"
-        )
+        classes = ", ".join(defined) or "none"
+        raise LayerError(f"{where} has no class {class_name!r} (its classes: {classes}); {CONTRACT}")
     bases = tuple(b for b in (Layer, getattr(_real_caffe(), "Layer", None)) if isinstance(b, type))
     if not issubclass(cls, bases):
         raise LayerError(f"class {class_name!r} of {where} does not subclass caffe.Layer; {CONTRACT}")
@@ -262,11 +260,14 @@ def _import_scoped(root: Path, module: str) -> types.ModuleType:
 
 
 def _top_level_names(root: Path) -> set[str]:
-    """The importable names `root` provides: its modules and package directories."""
+    """The names `root` provides: its modules and its directories of Python files (a folder
+    of data, a cache, is no package and hides nothing)."""
     names = set()
     for entry in root.iterdir():
         stem = entry.name.partition(".")[0]
-        if stem.isidentifier() and (entry.is_dir() or entry.suffix in (".py", ".so", ".pyd")):
+        if not stem.isidentifier():
+            continue
+        if entry.suffix in (".py", ".so", ".pyd") or (entry.is_dir() and any(entry.glob("*.py"))):
             names.add(stem)
     return names
 
@@ -360,11 +361,9 @@ class PythonLayer:
         try:
             getattr(self.layer, method)(self.bottom, self.top)
         except Exception as exc:
-            where = _user_frame(exc)
-            prefix = (
-                "" if error is LayerError else f"{self.label}: "
-            )  # LayerError gets the layer's name from its caller
-            raise error(f"{prefix}{method}() raised {type(exc).__name__}: {exc}{where}") from None
+            # infer_shapes names the layer of a LayerError; a request's error names it here
+            prefix = "" if error is LayerError else f"{self.label}: "
+            raise error(f"{prefix}{method}() raised {type(exc).__name__}: {exc}{_user_frame(exc)}") from None
 
 
 def _instantiate(cls: type, param: caffe_pb2.LayerParameter) -> Any:
@@ -372,7 +371,7 @@ def _instantiate(cls: type, param: caffe_pb2.LayerParameter) -> Any:
     fork's `param_str_`) and `phase`. A subclass of real pycaffe's Layer is made without
     its C++ constructor, which wants Caffe's own LayerParameter."""
     try:
-        layer = cls(param) if issubclass(cls, Layer) else cls.__new__(cls)
+        layer: Any = cls(param) if issubclass(cls, Layer) else cls.__new__(cls)
     except Exception as exc:
         raise LayerError(f"making {cls.__name__}(param) raised {type(exc).__name__}: {exc}{_user_frame(exc)}") from None
     layer.param_str = layer.param_str_ = param.python_param.param_str

@@ -42,7 +42,7 @@ from .onnx_graph import CONVERTERS, DEFAULT_OPSET, MIN_OPSET, GraphBuilder, Laye
 from .params import param_shapes
 from .shapes import SUPPORTED_LAYERS, Shape, infer_shapes
 
-CONVERTER_VERSION = "3"
+CONVERTER_VERSION = "4"
 BATCH_DIM = "N"
 _INPUT_LAYERS = ("Input", "MemoryData")  # their tops become graph inputs
 

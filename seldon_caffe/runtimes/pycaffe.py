@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 
 from ..caffe import CaffeFormatError
-from ..caffe.python_layer import model_directory
 from ..caffe.tolerant import unsupported_types
 from ..config import ModelConfig
 from ..errors import BadRequest, ModelLoadError, SeldonCaffeError
@@ -37,7 +36,6 @@ from .base import Arrays, Runtime, TensorSpec
 from .builtin import PycaffeOptions
 from .caffe_model import CaffeModel
 from .pycaffe_process import WorkerProcess
-from .segmented import has_python_layers
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +47,7 @@ class PycaffeRuntime(Runtime):
         """`caffe`: serve this Caffe net (e.g. one made in memory) instead of the config's files."""
         # A net with Python layers: their modules are in the model directory, for Caffe and for
         # our shape rules (caffe/python_layer.py), which run their setup + reshape here.
-        self._layer_root = config.model_dir if caffe is None and has_python_layers(config) else None
+        self._layer_root = _python_layer_root(config) if caffe is None else None
         self.model = caffe or _read_model(config, self._layer_root)
         if caffe is not None:
             prototxt, weights = caffe.net().prototxt_bytes(), caffe.net().caffemodel_bytes()
@@ -92,7 +90,7 @@ class PycaffeRuntime(Runtime):
 
     def _run(self, feed: Arrays, outputs: list[str]) -> Arrays:
         if self.model is not None and self.model.has_free_dims:
-            with model_directory(self._layer_root):  # the shape rules of Python layers import them
+            with _layer_scope(self._layer_root):  # the shape rules of Python layers import them
                 self.model.check({name: array.shape for name, array in feed.items()})  # a CHECK failure kills Caffe
         header = {"op": "run", "inputs": list(feed), "outputs": outputs}
         results = self._backend.request(header, list(feed.values()))
@@ -121,7 +119,7 @@ def _read_model(config: ModelConfig, layer_root: Path | None) -> CaffeModel | No
                 ", ".join(unknown),
             )
             return None
-        with model_directory(layer_root):
+        with _layer_scope(layer_root):
             return CaffeModel.from_config(config)
     except CaffeFormatError as exc:
         logger.info("%s; the signature is the one Caffe describes", exc)
@@ -146,6 +144,22 @@ def _spec(item: dict[str, Any]) -> TensorSpec:
     # The batch dimension is free: the net is reshaped to each request's batch.
     shape = tuple(item["shape"])
     return TensorSpec(item["name"], "float32", (-1, *shape[1:]) if shape else shape)
+
+
+def _python_layer_root(config: ModelConfig) -> Path | None:
+    """The model directory, where the net has Python layers: their modules live there."""
+    from .segmented import has_python_layers  # here: in-process pycaffe may run on a Python whose protobuf is old
+
+    return config.model_dir if has_python_layers(config) else None
+
+
+def _layer_scope(root: Path | None) -> contextlib.AbstractContextManager[None]:
+    """Where our shape rules import Python layers' modules from (caffe/python_layer.py)."""
+    if root is None:
+        return contextlib.nullcontext()
+    from ..caffe.python_layer import model_directory
+
+    return model_directory(root)
 
 
 def seen_by(command: list[str], directory: Path) -> str:

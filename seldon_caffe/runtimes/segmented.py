@@ -27,11 +27,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..caffe import CaffeNet, Shape, caffe_pb2, infer_shapes, load_caffe_net, read_prototxt
+from ..caffe._geometry import LayerError
 from ..caffe.net import WeightsError
 from ..caffe.python_layer import PythonLayer, PythonLayerError, model_directory, python_layers
 from ..errors import BadRequest, ModelLoadError
@@ -82,7 +84,7 @@ class _Part:
     def run(self, values: dict[str, np.ndarray]) -> None:
         assert self.runtime is not None and self.definition is not None
         feed = {self.feed_names[name]: values[name] for name in self.inputs}
-        if any(array.size == 0 for array in feed.values()):
+        if any(values[name].size == 0 for name in self.after):
             values.update(self._empty(feed))
             return
         try:
@@ -111,6 +113,8 @@ class _Part:
 
 @dataclass
 class _PythonStep:
+    """A Python layer: its code, set up once, runs on the current values of its bottoms."""
+
     layer: caffe_pb2.LayerParameter
     code: PythonLayer | None = None
 
@@ -246,10 +250,8 @@ class SegmentedRuntime(Runtime):
         from . import load_caffe_runtime  # runtimes/__init__.py imports this module
 
         part.definition = part_definition(part, shapes, f"{whole.definition.name or 'net'} part {index}")
-        stated = {
-            e["name"]: e["shape"] for e in self.config.inputs or () if e.get("shape") and e["name"] in part.inputs
-        }
-        inputs = {part.feed_names[name]: dims for name, dims in stated.items()}
+        stated = [e for e in self.config.inputs or () if e.get("shape") and e["name"] in part.inputs]
+        inputs = {part.feed_names[e["name"]]: e["shape"] for e in stated}  # model.yaml's word on the net's inputs
         runtime = load_caffe_runtime(self.name, self.config, part_net(whole, part.definition), inputs, part.outputs)
         runtime.allow_non_finite = True  # the request's inputs are checked once, by this runtime
         part.runtime = runtime
@@ -334,9 +336,8 @@ def _check_answers(net: CaffeNet, answers: list[str], config: ModelConfig) -> No
         )
 
 
-def _set_up(layer: caffe_pb2.LayerParameter, shapes: dict[str, Shape], root: Any, source: str) -> PythonLayer:
-    from ..caffe._geometry import LayerError
-
+def _set_up(layer: caffe_pb2.LayerParameter, shapes: dict[str, Shape], root: Path, source: str) -> PythonLayer:
+    """The layer's code, made and set up at its bottoms' shapes (a load error if it fails)."""
     try:
         return PythonLayer(layer, [shapes[b] for b in layer.bottom], root)
     except LayerError as exc:
