@@ -104,7 +104,8 @@ def measure(
 def report(engines: list[str], samples: dict, failed: dict[str, str], command: str, took: float) -> str:
     import cv2
 
-    load = os.getloadavg()[1]
+    load = os.getloadavg()[1]  # 5-minute average: a busy machine makes every number lower
+    shared = " (the machine was shared: read the ratios more than the absolutes)" if load > 1.5 else ""
     lines = [
         "## Detection example (SSD) per engine",
         "",
@@ -113,7 +114,7 @@ def report(engines: list[str], samples: dict, failed: dict[str, str], command: s
         f"DetectionOutput keeping at most 20 boxes), batch 1, {THREADS} thread for every engine (model.yaml). "
         "net = `model.run` on a prepared input; request = `SeldonCaffeModel.predict` on a 96x96 PNG (decode, "
         "resize, run, postprocess). Images/s = 1 / median seconds per call, engines interleaved. "
-        f"OpenCV {cv2.__version__}. Load average (5 min) at the end: {load:.1f} on {os.cpu_count()} cores.",
+        f"OpenCV {cv2.__version__}. Load average (5 min) at the end: {load:.1f} on {os.cpu_count()} cores{shared}.",
         "",
         "| engine | net img/s | request img/s | request ms |",
         "| --- | ---: | ---: | ---: |",

@@ -247,22 +247,32 @@ class CaffeModel:
 
     def _trials(self, stated: dict[str, list[int | None]]) -> list[tuple[str, int, Shapes]]:
         """(input, dim, blob shapes) for each dim model.yaml does not fix that the net takes at
-        two other sizes (the batch at 1 or 2): those are the free dims."""
+        two other sizes: those are the free dims. The batch is tried for all inputs at once
+        (at 2 and 3, or 1 and 2): their batches go together through a Concat or an Eltwise."""
         passed = []
+        batched = [name for name, shape in self.reference.items() if shape and stated[name][0] in (None, -1)]
+        if batched:
+            sizes = _other_sizes(0, self.reference[batched[0]][0])
+            results = [self._try({name: {0: size} for name in batched}) for size in sizes]
+            if all(r is not None for r in results):
+                passed.extend((name, 0, blobs) for name in batched for blobs in results if blobs is not None)
         for name, shape in self.reference.items():
             for dim, size in enumerate(shape):
-                if stated[name][dim] not in (None, -1):
+                if dim == 0 or stated[name][dim] not in (None, -1):
                     continue
-                results = [self._try(name, dim, other) for other in _other_sizes(dim, size)]
+                results = [self._try({name: {dim: other}}) for other in _other_sizes(dim, size)]
                 if all(r is not None for r in results):
                     passed.extend((name, dim, blobs) for blobs in results if blobs is not None)
         return passed
 
-    def _try(self, name: str, dim: int, size: int) -> Shapes | None:
-        shape = list(self.reference[name])
-        shape[dim] = size
+    def _try(self, changes: Mapping[str, Mapping[int, int]]) -> Shapes | None:
+        """The blob shapes with the reference's dims changed ({input: {dim: size}}), or None."""
+        shapes = {
+            name: tuple(changes.get(name, {}).get(i, d) for i, d in enumerate(shape))
+            for name, shape in self.reference.items()
+        }
         try:
-            return self._plan({**self.reference, name: tuple(shape)})
+            return self._plan(shapes)
         except CaffeFormatError:
             return None
 
@@ -346,8 +356,9 @@ def _placeholders_at(shapes: Shapes, open_dims: Mapping[str, Sequence[bool]], si
 
 
 def _other_sizes(dim: int, size: int) -> tuple[int, int]:
-    """Two sizes to try a dim at: for the batch, 1 and 2 (the converter's symbolic batch);
-    for any other, larger ones, 32 apart (nets that halve a size five times still take them)."""
+    """Two sizes to try a dim at: for the batch, two of 1, 2 and 3 (as the converter's symbolic
+    batch does); for any other, larger ones, 32 apart (nets that halve a size five times still
+    take them)."""
     if dim == 0:
         return (2, 3) if size == 1 else (1, 2)
     larger = max(2 * size, _TRIAL_MIN)

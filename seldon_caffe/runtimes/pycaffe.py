@@ -23,19 +23,19 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..caffe import CaffeFormatError
-from ..caffe.tolerant import unsupported_types
 from ..config import ModelConfig
 from ..errors import BadRequest, ModelLoadError, SeldonCaffeError
 from . import pycaffe_worker as wire
 from .base import Arrays, Runtime, TensorSpec
 from .builtin import PycaffeOptions
-from .caffe_model import CaffeModel
 from .pycaffe_process import WorkerProcess
+
+if TYPE_CHECKING:  # imported where used: in-process pycaffe may run on a Python whose protobuf cannot
+    from .caffe_model import CaffeModel
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,16 @@ class PycaffeRuntime(Runtime):
 
 def _read_model(config: ModelConfig, layer_root: Path | None) -> CaffeModel | None:
     """The net as our parser reads it, or None where it cannot (Caffe may: a fork's layer, a
-    Python layer whose module imports only in the user's Caffe's Python)."""
+    Python layer whose module imports only in the user's Caffe's Python), or where our Caffe
+    format does not import (in-process pycaffe on Debian's Python 3.9, whose protobuf predates
+    our generated caffe_pb2)."""
+    try:
+        from ..caffe import CaffeFormatError
+        from ..caffe.tolerant import unsupported_types
+        from .caffe_model import CaffeModel
+    except ImportError as exc:
+        logger.info("our Caffe format does not import here (%s); the signature is the one Caffe describes", exc)
+        return None
     try:
         unknown = unsupported_types(config.files["prototxt"])
         if unknown:  # the user's Caffe gets the files untouched and is the judge of these
