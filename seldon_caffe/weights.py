@@ -260,7 +260,9 @@ def _run_in_opencv(single: CaffeNet, layer: caffe_pb2.LayerParameter, values: di
     cv_net = cv2.dnn.readNetFromCaffe(bytearray(single.prototxt_bytes()), model)  # type: ignore[call-overload]  # buffers: cv2 stubs know only str and arrays
     for name, value in values.items():
         cv_net.setInput(np.ascontiguousarray(value, np.float32), name)
-    outputs = cv_net.forwardAndRetrieve([layer.name])[0]
+    # OpenCV may rename the one layer (after its top, e.g. hed's score-dsn1 -> score-dsn1-up):
+    # it is the last one the net lists, whatever its name.
+    outputs = cv_net.forwardAndRetrieve([cv_net.getLayerNames()[-1]])[0]
     return [np.asarray(o, np.float32) for o in outputs]
 
 

@@ -14,10 +14,16 @@ two more, the smallest that make the point (about 2/3 and 4/3 of the published s
 them not square, in the multiples the net's strides need). Each engine is loaded once per
 net and runs every size, so the engines that plan per shape re-plan on the way.
 
-face_ssd's answer (DetectionOutput's [1, 1, N, 7]) is compared row by row: the same rows in
-the same order, scores and boxes within the tolerance. The blobs it decodes (mbox_loc,
-mbox_conf_flatten, mbox_priorbox, named under model.yaml `outputs:`) are compared as arrays
-too, so the check does not rest on which rows random weights let through. face_ssd is also
+Tolerance: REL_TOL (1e-4) for every net. TOLERANCES would name a net where float32
+accumulation measurably exceeds it, with the measurement; none does (the deepest, segnet,
+is within 7.4e-5 of a float64 run). Two kinds of answer are not continuous in float32
+rounding, and tests/wild_answers.py compares them as its docstring says, with what was
+measured: face_ssd's DetectionOutput rows ([1, 1, N, 7]: the same rows in the same order,
+scores and boxes within the tolerance, except that rows whose scores tie may swap), and
+segnet's values that Upsample routes by MaxPool masks (masks may differ only at ties, and
+the answer is compared wherever those cannot reach). face_ssd's decoded blobs (mbox_loc,
+mbox_conf_flatten, mbox_priorbox) and segnet's masks and pooled blobs are asked for under
+model.yaml `outputs:`, so the checks do not rest on the final answer alone. face_ssd is also
 served through the real microservice over Seldon v1, at two sizes.
 
 faster_rcnn_zf's proposal layer (`rpn.proposal_layer`, py-faster-rcnn's own code) is not
@@ -147,6 +153,7 @@ class WildModels:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.weights_seconds: dict[str, float] = {}
+        self.weights_warnings: dict[str, str] = {}
         self._runs: dict[str, dict[str, EngineRun]] = {}
 
     def model_dir(self, name: str) -> Path:
@@ -168,6 +175,7 @@ class WildModels:
         )
         self.weights_seconds[name] = time.perf_counter() - started
         assert done.returncode == 0, f"seldon-caffe weights {name}: exit {done.returncode}\n{done.stderr}"
+        self.weights_warnings[name] = done.stderr.strip()  # a layer measured by fan-in only, say
         return target
 
     def config(self, name: str, runtime: str) -> Any:
@@ -251,6 +259,9 @@ def wild(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WildModels]:
     yield models
     if models.weights_seconds:
         print("\nseldon-caffe weights: " + ", ".join(f"{n} {s:.1f} s" for n, s in models.weights_seconds.items()))
+        for name, warning in models.weights_warnings.items():
+            if warning:
+                print(f"seldon-caffe weights {name}: {warning}")
 
 
 @pytest.fixture(scope="session")
@@ -291,7 +302,7 @@ def pair_error(name: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray
     routed = ROUTED.get(name)
     if routed is not None:
         return routed.error(got, want, tolerance(name))
-    return max(answer_error(blob, got[blob], want[blob]) for blob in want)
+    return max(answer_error(blob, got[blob], want[blob], tolerance(name)) for blob in want)
 
 
 def worst_errors(name: str, answers: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:

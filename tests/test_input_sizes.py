@@ -316,3 +316,14 @@ def test_load_caffe_runtime_serves_a_net_made_in_memory(runtime: str, model_dir,
         with pytest.raises(BadRequest, match="expected image: float32"):
             part.run(sample((1, 3, 21, 30)))
     assert not (tmp_path / ".cache").exists()
+
+
+def test_the_batch_is_free_for_all_inputs_together() -> None:
+    """A net of two inputs joined by a Concat takes any batch when both change together."""
+    from seldon_caffe.caffe import read_prototxt
+    from seldon_caffe.runtimes.caffe_model import CaffeModel
+
+    prototxt = REPO / "examples" / "ranking" / "deploy.prototxt"
+    model = CaffeModel(read_prototxt(prototxt), source=str(prototxt), weights=None)
+    assert [s.shape for s in model.inputs] == [(-1, 4096), (-1, 245)]
+    assert [s.shape for s in model.outputs] == [(-1, 1)]

@@ -41,6 +41,7 @@ from test_conformance import (
 
 from caffe_oracle import reference
 from seldon_caffe import extras, quantize
+from seldon_caffe.caffe import load_caffe_net
 from seldon_caffe.config import load_config, parse_config
 from seldon_caffe.errors import ConfigError, ModelLoadError, SeldonCaffeError
 from seldon_caffe.runtimes import REGISTRY, Runtime, load_runtime
@@ -77,7 +78,11 @@ class ExtraReference:
             jobs: list[dict[str, Any]] = []
             for n, prototxt in EXTRA_NETS.items():
                 jobs.append(reference.weights_job(prototxt, self.weights(n), seed=zlib.crc32(n.encode())))
-                jobs += [reference.forward_job(prototxt, self.weights(n), batch=b, seed=b) for b in BATCHES]
+                # Our outputs: a blob only Silence reads is one (math_variants' `one`), not in Caffe's net.outputs.
+                answers = load_caffe_net(prototxt).outputs
+                jobs += [
+                    reference.forward_job(prototxt, self.weights(n), batch=b, seed=b, outputs=answers) for b in BATCHES
+                ]
             results = iter(reference.run_jobs(jobs, timeout=1800))
             for n in EXTRA_NETS:
                 next(results)

@@ -72,7 +72,8 @@ class CaffeModel:
         self.definition = upgrade_net(definition, source)
         self._weights = weights
         self._net = weights if isinstance(weights, CaffeNet) else None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the accepted sizes
+        self._net_lock = threading.Lock()  # parsing the caffemodel (seconds, for a big net)
         self._accepted: collections.OrderedDict[ShapeKey, None] = collections.OrderedDict()
         declared = _declared_inputs(self.definition, source)
         stated = _stated_dims(inputs, declared, source)
@@ -122,7 +123,7 @@ class CaffeModel:
 
     def net(self) -> CaffeNet:
         """The CaffeNet with its weights: parsed from the caffemodel once, on first use."""
-        with self._lock:
+        with self._net_lock:
             if self._net is None:
                 path = self._weights
                 assert isinstance(path, Path)  # from_net passes the net itself
