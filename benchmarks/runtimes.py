@@ -180,7 +180,9 @@ def _time_real_caffe(prototxt: Path, weights: Path, batch: int, seconds: float) 
 def _time(model: Runtime, batch: int, seconds: float, warm_up: bool) -> list[float]:
     """At least two calls, more while they add up to less than `seconds`."""
     rng = np.random.default_rng(batch)
-    feed = {s.name: rng.standard_normal([batch, *s.shape[1:]]).astype(np.float32) for s in model.inputs}
+    examples = model.example_shapes or {}  # a fully convolutional net: its image size is free (-1)
+    shapes = {s.name: [batch, *examples.get(s.name, s.shape)[1:]] for s in model.inputs}
+    feed = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
     if warm_up:
         model.run(feed)  # first-call allocations, the reshape to this batch
     times: list[float] = []

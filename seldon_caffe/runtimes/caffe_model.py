@@ -250,7 +250,7 @@ class CaffeModel:
         """(input, dim, blob shapes) for each dim model.yaml does not fix that the net takes at
         two other sizes: those are the free dims. The batch is tried for all inputs at once
         (at 2 and 3, or 1 and 2): their batches go together through a Concat or an Eltwise."""
-        passed = []
+        passed: list[tuple[str, int, Shapes]] = []
         batched = [name for name, shape in self.reference.items() if shape and stated[name][0] in (None, -1)]
         if batched:
             sizes = _other_sizes(0, self.reference[batched[0]][0])
