@@ -2,9 +2,8 @@
 
 Its mAP@0.5 on held-out scenes must be the one README.md quotes; every engine must give
 caffe-ssd's detections (the numpy oracle, caffe_oracle/numpy_ssd.py, run over the whole net):
-the same rows in the same order, scores and boxes within 1e-4 (OpenCV's known gap in row
-order and padding is a strict xfail there, and its served answers are held to the oracle's
-through the hooks instead); the committed caffemodel must compute what the torch net it came
+the same rows in the same order, scores and boxes within 1e-4 (the opencv runtime undoes
+OpenCV's own padding and order); the committed caffemodel must compute what the torch net it came
 from computes; and the served answers over Seldon v1 (REST, gRPC) and V2 (REST, gRPC) must
 be the answer of the same request run in process.
 """
@@ -43,9 +42,7 @@ HOOKS = load_script(DETECTION / "hooks.py")
 
 
 def raw_engines() -> list:
-    """The engines, a known gap (runtimes/gaps.py) in this net a strict xfail: OpenCV pads
-    detection_out with zero rows and orders it by score (the hooks undo both; see
-    test_opencv_serves_caffe_ssd_detections)."""
+    """The engines, a known gap (runtimes/gaps.py) in this net a strict xfail."""
     layers = load_caffe_net(DETECTION / "deploy.prototxt").definition.layer
     params = []
     for engine in ENGINES:

@@ -40,9 +40,9 @@ def preprocess(payload: Any, ctx: Any) -> np.ndarray:
 def postprocess(outputs: dict[str, np.ndarray], ctx: Any) -> dict[str, Any]:
     """The detections scoring at least the `threshold` tag, best first.
 
-    caffe-ssd's DetectionOutput writes its rows label by label; OpenCV's orders them by score
-    and pads them with zero rows (runtimes/gaps.py). Rows of label 0 are dropped and the answer
-    put in descending score order here, equal scores by label and box: one answer on every engine."""
+    caffe-ssd's DetectionOutput writes its rows label by label (and a row of -1s when it finds
+    nothing): rows of other labels are dropped and the answer put in descending score order
+    here, equal scores by label and box."""
     threshold = score_threshold(ctx.tags.get("threshold", DEFAULT_THRESHOLD))
     height, width = ctx.image_size
     scale = np.asarray([width, height, width, height], np.float64)

@@ -191,17 +191,18 @@ class _Scanner:
         (layer.found if layer is not None else self.net_level).append((path, start, value))
 
     def results(self) -> list[UnknownField]:
+        found: list[tuple[str, int, str | None, _Layer | None]]
         found = [(path, offset, value, None) for path, offset, value in self.net_level]
-        for layer in self.layers:
-            found += [(path, offset, value, layer) for path, offset, value in layer.found]
+        for each in self.layers:
+            found += [(path, offset, value, each) for path, offset, value in each.found]
         out = []
-        for path, offset, value, layer in sorted(found, key=lambda item: item[1]):
+        for path, offset, value, owner in sorted(found, key=lambda item: item[1]):
             line = self.text.count("\n", 0, offset) + 1
             column = offset - (self.text.rfind("\n", 0, offset) + 1) + 1
-            if layer is None:
+            if owner is None:
                 out.append(UnknownField(path, line, column, value=value))
             else:
-                out.append(UnknownField(path, line, column, layer.name, layer.type, layer.index, value))
+                out.append(UnknownField(path, line, column, owner.name, owner.type, owner.index, value))
         return out
 
 

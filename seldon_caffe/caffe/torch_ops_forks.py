@@ -21,6 +21,8 @@ def _expand(b: TorchBuilder, n: Node) -> Any:
     x, shape = b.tensor(n.inputs[0]), b.values[n.inputs[1]]
     if isinstance(shape, ShapeOf):
         (count,) = b.shapes[n.inputs[1]]
+        if count is None:
+            raise UnsupportedOp(f"ONNX node {n.name!r}: Expand needs a shape of known length")
         sizes = [shape.item(i) for i in range(count)]
     else:
         sizes = [-1 if d == 1 else d for d in b.ints(n.inputs[1])]
@@ -35,9 +37,10 @@ def _max_roi_pool(b: TorchBuilder, n: Node) -> Any:
     the ROIs' extent: each bin is the max of four lookups in a table of maxima over every
     power-of-two window (a sparse table), built once per feature map."""
     dims = b.shapes.get(n.inputs[0], [])
-    if len(dims) != 4 or not all(isinstance(d, int) for d in dims[2:]):
+    height, width = dims[2:] if len(dims) == 4 else (None, None)
+    if height is None or width is None:
         raise UnsupportedOp(f"ONNX node {n.name!r}: MaxRoiPool needs a 4-D input of known height and width")
-    torch, (pooled_h, pooled_w), (height, width) = b.torch, n.attrs["pooled_shape"], dims[2:]
+    torch, (pooled_h, pooled_w) = b.torch, n.attrs["pooled_shape"]
     x, rois = b.tensor(n.inputs[0]), b.tensor(n.inputs[1])
     edges = _RoiEdges(b, n.name, rois, float(n.attrs.get("spatial_scale", 1.0)))
     top, bottom = edges.bins(2, 4, pooled_h, height)

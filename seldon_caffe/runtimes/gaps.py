@@ -45,9 +45,9 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
         "the net does not load",
         "PriorBox": "OpenCV clips priors when clip is unset (caffe-ssd does not), ignores img_size / img_h / img_w, "
         "keeps fractional min_size / max_size (caffe-ssd truncates them) and refuses a PriorBox without variance",
-        "DetectionOutput": "OpenCV orders each image's rows by score across classes (caffe-ssd: by class, then "
-        "score), pads the output with zero rows to keep_top_k x batch (and answers zeros, not one row of -1s per "
-        "image, when nothing is found), refuses keep_top_k unset and code_type CORNER_SIZE, and ignores nms eta",
+        # Its row order and zero padding differ from caffe-ssd's too; the opencv runtime undoes those.
+        "DetectionOutput": "OpenCV refuses keep_top_k unset, code_type CORNER_SIZE and "
+        "variance_encoded_in_target, and ignores nms_param.eta (adaptive NMS)",
         # The other forks' layers (tests/test_fork_layers.py holds them to caffe_oracle/numpy_forks.py).
         "BN": "OpenCV's Caffe importer has no BN layer (SegNet's or PSPNet's): the net does not load",
         "Upsample": "OpenCV's Caffe importer has no Upsample layer (SegNet's by a pooling mask, nor the YOLO "
@@ -87,11 +87,20 @@ _APPLIES: dict[tuple[str, str], Callable[[Any], bool]] = {
     ("opencv", "PriorBox"): lambda layer: _opencv_prior_box_differs(layer.prior_box_param),
     ("opencv", "Interp"): lambda layer: _opencv_interp_differs(layer),
     ("opencv", "ConvolutionDepthwise"): lambda layer: not layer.convolution_param.HasField("num_output"),
+    ("opencv", "DetectionOutput"): lambda layer: _opencv_detection_differs(layer.detection_output_param),
     **{
         (runtime, "DetectionOutput"): lambda layer: _adaptive_nms(layer)
         for runtime in ("onnxruntime", "openvino", "torch")
     },
 }
+
+
+def _opencv_detection_differs(p: Any) -> bool:
+    """Whether OpenCV's DetectionOutput refuses or ignores these settings (see KNOWN_GAPS)."""
+    from ..caffe import caffe_pb2
+
+    corner_size = p.code_type == caffe_pb2.PriorBoxParameter.CORNER_SIZE
+    return p.keep_top_k <= 0 or corner_size or p.variance_encoded_in_target or p.nms_param.eta < 1
 
 
 def _opencv_prior_box_differs(p: Any) -> bool:

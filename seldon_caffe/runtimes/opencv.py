@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from ..caffe import CaffeNet
+from ..caffe.forks.ssd import caffe_ssd_rows
 from ..config import ModelConfig
 from ..errors import BadRequest, ModelLoadError, first_line
 from .base import Arrays, Runtime
@@ -46,6 +47,9 @@ class OpenCVRuntime(Runtime):
         cv2.setNumThreads(OpenCVOptions.from_config(config).threads)
         self._lock = threading.Lock()  # a cv2.dnn.Net is not safe to share between threads
         self._writers = _last_writers(self.caffe)
+        self._detections = {
+            top for layer in self.caffe.definition.layer if layer.type == "DetectionOutput" for top in layer.top
+        }
         self.native = self._build()
         self.inputs, self.outputs = list(self.model.inputs), list(self.model.outputs)
         self.example_shapes = dict(self.model.warm_shapes)
@@ -93,11 +97,15 @@ class OpenCVRuntime(Runtime):
                 results = dict(zip(layers, self.native.forwardAndRetrieve(layers), strict=True))
             except cv2.error as exc:
                 raise self._size_error(key, exc) from None
-        return {
+        answers = {
             name: np.array(results[layer][index], copy=True)
             for name in outputs
             for layer, index in [self._writers[name]]
         }
+        batch = next(iter(feed.values())).shape[0] if feed else 1
+        for name in self._detections.intersection(answers):  # OpenCV's padding and order -> caffe-ssd's
+            answers[name] = caffe_ssd_rows(answers[name], batch)
+        return answers
 
     def _size_error(self, key: ShapeKey, exc: cv2.error) -> Exception:
         """A 400 when OpenCV fails at a size other than the warm-up one (which it ran), and

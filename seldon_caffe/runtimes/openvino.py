@@ -109,7 +109,10 @@ class Compiled:
 
     def __init__(self, model: ov.CompiledModel):
         self.model = model
-        self.ports = {port.get_any_name(): port for port in model.outputs}
+        # A tensor may carry several names (a Caffe blob and the node that wrote it): each finds it.
+        self.ports = {name: port for port in model.outputs for name in port.get_names()}
+        # OpenVINO drops a graph input that nothing reads (Interp's size-only second bottom).
+        self.inputs = {name for port in model.inputs for name in port.get_names()}
         self.requests: queue.Queue[ov.InferRequest] = queue.Queue()
         for _ in range(max(1, int(model.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))):
             self.requests.put(model.create_infer_request())
@@ -117,7 +120,7 @@ class Compiled:
     def infer(self, feed: Arrays, outputs: list[str]) -> Arrays:
         request = self.requests.get()
         try:
-            results = request.infer(feed, share_inputs=True)
+            results = request.infer({n: a for n, a in feed.items() if n in self.inputs}, share_inputs=True)
             return {name: results[self.ports[name]].copy() for name in outputs}
         finally:
             self.requests.put(request)

@@ -156,9 +156,12 @@ def _spec(item: dict[str, Any]) -> TensorSpec:
 
 
 def _python_layer_root(config: ModelConfig) -> Path | None:
-    """The model directory, where the net has Python layers: their modules live there."""
-    from .segmented import has_python_layers  # here: in-process pycaffe may run on a Python whose protobuf is old
-
+    """The model directory, where the net has Python layers: their modules live there. Where
+    our Caffe format does not import (see _read_model), Caffe itself finds them on sys.path."""
+    try:
+        from .segmented import has_python_layers  # here: in-process pycaffe may run on a Python whose protobuf is old
+    except ImportError:
+        return None
     return config.model_dir if has_python_layers(config) else None
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
+
 from .. import caffe_pb2
 from .._geometry import LayerError, Shape, one_bottom
 
@@ -112,6 +114,21 @@ def detection_counts(layer: caffe_pb2.LayerParameter, bottoms: list[Shape]) -> t
 def _detection_output(layer: caffe_pb2.LayerParameter, bottoms: list[Shape]) -> list[Shape]:
     detection_counts(layer, bottoms)
     return [(1, 1, 1, 7)]  # caffe-ssd's placeholder; the rows are data-dependent (DATA_DEPENDENT_DIMS)
+
+
+def caffe_ssd_rows(rows: np.ndarray, batch: int) -> np.ndarray:
+    """A DetectionOutput answer as caffe-ssd writes it, [1, 1, N, 7]: no all-zero padding
+    rows, rows by image, then label, then descending score, and one row of -1s per image
+    (its id first) when no image has a detection. OpenCV pads with zeros and sorts by score
+    across labels: the opencv runtime passes its answer through this."""
+    rows = rows.reshape(-1, 7)
+    rows = rows[np.any(rows != 0, axis=1)]
+    if not len(rows):
+        empty = np.full((batch, 7), -1, np.float32)
+        empty[:, 0] = np.arange(batch)
+        return empty.reshape(1, 1, batch, 7)
+    order = np.lexsort((-rows[:, 2], rows[:, 1], rows[:, 0]))  # stable: ties keep OpenCV's order
+    return np.ascontiguousarray(rows[order]).reshape(1, 1, -1, 7)
 
 
 SHAPE_RULES: dict[str, Rule] = {
