@@ -32,6 +32,11 @@ from .io import CaffeFormatError
 from .tolerant import WAYS_FORWARD
 from .upgrade import upgrade_net
 
+
+class UnsupportedLayerType(CaffeFormatError):
+    """A layer type no rule here knows (neither BVLC's nor a fork's): no input size helps."""
+
+
 _Rule = Callable[[caffe_pb2.LayerParameter, list[Shape]], list[Shape]]
 _RULES: dict[str, _Rule] = {}
 
@@ -61,7 +66,7 @@ def infer_shapes(
     for layer in net.layer:
         where = f"layer {layer.name!r} ({layer.type})"
         if layer.type not in SUPPORTED_LAYERS:
-            raise CaffeFormatError(f"{where}: unsupported layer type {layer.type!r}{_hint(layer.type)}")
+            raise UnsupportedLayerType(f"{where}: unsupported layer type {layer.type!r}{_hint(layer.type)}")
         missing = [b for b in layer.bottom if b not in shapes]
         if missing:
             raise CaffeFormatError(f"{where} reads blob {missing[0]!r}, which no earlier layer produces")

@@ -35,7 +35,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..caffe import CaffeFormatError, CaffeNet, Shape, caffe_pb2, infer_shapes, param_shapes, read_prototxt
+from ..caffe.forks.ssd import DATA_DEPENDENT_DIMS
 from ..caffe.io import read_bytes
+from ..caffe.shapes import UnsupportedLayerType
 from ..caffe.upgrade import upgrade_net
 from ..errors import BadRequest, ModelLoadError
 from .base import TensorSpec
@@ -237,6 +239,8 @@ class CaffeModel:
         for shapes in candidates:
             try:
                 blobs = infer_shapes(self.definition, shapes)
+            except UnsupportedLayerType as exc:  # its message says the ways forward; no size would help
+                raise UnsupportedLayerType(f"{self.source}: {exc}") from None
             except CaffeFormatError as exc:
                 error = error or exc
                 continue
@@ -293,12 +297,20 @@ class CaffeModel:
         return dict(self.reference), True
 
     def _output_specs(self, blobs: Shapes, others: list[Shapes]) -> list[TensorSpec]:
-        """The answers' specs: a dim that changed in any trial is -1."""
+        """The answers' specs: a dim that changed in any trial is -1, and so is one the data
+        decides (DetectionOutput's row count: forks/ssd.py DATA_DEPENDENT_DIMS)."""
+        by_data = {
+            top: set(dims)
+            for layer in self.definition.layer
+            for index, dims in DATA_DEPENDENT_DIMS.get(layer.type, {}).items()
+            for top in layer.top[index : index + 1]
+        }
         specs = []
         for name in self.output_names:
             shape = blobs[name]
             varied = tuple(
-                any(len(o[name]) == len(shape) and o[name][i] != d for o in others) for i, d in enumerate(shape)
+                i in by_data.get(name, ()) or any(len(o[name]) == len(shape) and o[name][i] != d for o in others)
+                for i, d in enumerate(shape)
             )
             specs.append(TensorSpec(name, "float32", _free_dims(shape, varied)))
         return specs
