@@ -385,3 +385,19 @@ def test_torch_non_max_suppression_is_onnx_s(center_point_box: int) -> None:
     (want,) = session.run(None, {"boxes": boxes, "scores": scores})
     got = onnx_to_torch(model)(torch.from_numpy(boxes), torch.from_numpy(scores))["selected"].numpy()
     assert len(want) > 10 and np.array_equal(got, want)
+
+
+def test_exported_program_keeps_each_inputs_own_rows(fork_nets: Any, tmp_path: Path) -> None:
+    """`.pt2` (torch.export) of a net whose inputs' leading dims differ (ROIPooling: the
+    feature map's batch, the ROI count) answers any ROI count, as the reference does."""
+    torch = pytest.importorskip("torch")
+    from seldon_caffe.caffe.to_torch import save_torch
+
+    data = fork_nets("roi_pooling")
+    save_torch(caffe_to_onnx(data.net), tmp_path / "net.pt2")
+    program = torch.export.load(str(tmp_path / "net.pt2")).module()
+    feed = data.inputs[1]
+    assert len({array.shape[0] for array in feed.values()}) > 1, "the ROI count must differ from the batch"
+    got = program(*(torch.from_numpy(feed[name]) for name in data.net.input_shapes))
+    for output, want in data.expected(1).items():
+        assert relative_error(got[output].numpy(), want) <= REL_TOL, output

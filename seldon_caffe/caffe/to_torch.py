@@ -81,9 +81,7 @@ def save_torch(model: onnx.ModelProto, path: str | os.PathLike[str]) -> str:
     partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")  # torch.export wants .pt2
     try:
         if path.suffix == ".pt2":
-            batch = torch.export.Dim("batch", min=1)
-            dynamic = tuple({i: batch for i, d in enumerate(shape) if d is None} or None for shape in dims)
-            torch.export.save(torch.export.export(module, examples, dynamic_shapes=dynamic), partial)
+            torch.export.save(_export(torch, module, examples, dims), partial)
             kind = "ExportedProgram"
         else:
             with warnings.catch_warnings():  # torch.jit's deprecation: asking for .pt is asking for it
@@ -94,6 +92,26 @@ def save_torch(model: onnx.ModelProto, path: str | os.PathLike[str]) -> str:
     finally:
         partial.unlink(missing_ok=True)
     return kind
+
+
+def _export(torch: Any, module: Any, examples: tuple, dims: list[list[int | None]]) -> Any:
+    """torch.export with each input's free dims free. One size per input first: a net whose
+    inputs' leading dims differ (ROIPooling's rois and feature map) must keep them apart;
+    where the graph ties them (a Concat of two inputs), export refuses that and one shared
+    size is what the net takes."""
+    own = [torch.export.Dim(f"batch_{i}", min=1) for i in range(len(dims))]
+    try:
+        return torch.export.export(module, examples, dynamic_shapes=_free(dims, own))
+    except Exception:  # torch's constraint violation (its class moved between releases)
+        shared = torch.export.Dim("batch", min=1)
+        return torch.export.export(module, examples, dynamic_shapes=_free(dims, [shared] * len(dims)))
+
+
+def _free(dims: list[list[int | None]], sizes: list[Any]) -> tuple:
+    """torch.export's dynamic_shapes: each input's unknown dims bound to its size symbol."""
+    return tuple(
+        {i: size for i, d in enumerate(shape) if d is None} or None for shape, size in zip(dims, sizes, strict=True)
+    )
 
 
 def _nodes(graph: onnx.GraphProto) -> list[Node]:
