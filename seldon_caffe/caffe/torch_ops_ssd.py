@@ -99,10 +99,18 @@ def non_max_suppression(
     )
     ranked_iou = torch.gather(rows, 3, order[:, :, None, :].expand(-1, -1, count, -1))  # [B, C, K, K]
     candidate = ranked > score_threshold if score_threshold is not None else torch.ones_like(ranked, dtype=torch.bool)
-    keep = torch.zeros_like(candidate)
-    for i in range(count):
-        clash = (keep[:, :, :i] & (ranked_iou[:, :, i, :i] > iou_threshold)).any(-1)
-        keep[:, :, i] = candidate[:, :, i] & ~clash
+    # Greedy NMS keeps box i when no kept box ranked above it clashes with it. Each box depends
+    # only on those above it, so iterating "keep = candidate and no kept box above clashes" from
+    # keep = candidate reaches that one answer within `count` rounds, in a few in practice: a
+    # few passes over [B, C, K, K] instead of K small steps.
+    above = torch.ones(count, count, dtype=torch.bool, device=boxes.device).tril(-1)
+    clashes = (ranked_iou > iou_threshold) & above  # [B, C, i, j]: j above i and clashing
+    keep = candidate
+    for _ in range(count):
+        settled = candidate & ~(clashes & keep[:, :, None, :]).any(-1)
+        if torch.equal(settled, keep):
+            break
+        keep = settled
     keep = keep & (torch.cumsum(keep.to(torch.int64), 2) <= max_per_class)
     chosen = torch.nonzero(keep)  # (batch, class, rank), in ONNX's output order
     box = order[chosen[:, 0], chosen[:, 1], chosen[:, 2]]
