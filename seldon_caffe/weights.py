@@ -98,7 +98,7 @@ def fill_random_weights(net: CaffeNet, seed: int = 0) -> str | None:
     """
     rng = np.random.RandomState(seed)
     blobs: dict[str, np.ndarray | None] = {
-        name: _random_input(net, name, shape, rng) for name, shape in net.input_shapes.items()
+        name: _random_input(net, name, shape, rng) for name, shape in _measured_shapes(net).items()
     }
     unmeasured = None
     for layer in net.definition.layer:
@@ -125,6 +125,18 @@ def fill_random_weights(net: CaffeNet, seed: int = 0) -> str | None:
         values: list[np.ndarray | None] = list((tops or [])[: len(layer.top)])  # OpenCV may add outputs
         blobs.update(zip(layer.top, values + [None] * (len(layer.top) - len(values)), strict=True))
     return unmeasured
+
+
+def _measured_shapes(net: CaffeNet) -> dict[str, tuple[int, ...]]:
+    """The input shapes to measure spreads at: the declared ones, except that a placeholder
+    (OpenPose's 1x3x1x1, sized by the caller) takes the size the runtimes warm up at, so
+    that pooling and convolutions see real planes."""
+    from .runtimes.caffe_model import CaffeModel
+
+    try:
+        return dict(CaffeModel.from_net(net).warm_shapes)
+    except SeldonCaffeError:  # a net whose shapes we cannot plan: measure as declared
+        return dict(net.input_shapes)
 
 
 def _random_input(net: CaffeNet, name: str, shape: Sequence[int], rng: np.random.RandomState) -> np.ndarray:
