@@ -325,23 +325,29 @@ def warnings_for(model_dir: str | Path, runtime: str | None = None) -> list[str]
 
 
 def layer_table(model_dir: str | Path, runtime: str | None = None) -> dict[str, dict[str, Any]]:
-    """Per layer type of a Caffe net: how many layers, which engines run it, why the others
-    do not (runtimes/gaps.py). `inspect` prints it so a user sees who can serve a net."""
+    """Per layer type of a Caffe net: how many layers, which engines run them as Caffe does,
+    why the others do not (runtimes/gaps.py, with this net's parameters: OpenCV's LRN is
+    exact when k = 1). `inspect` prints it so a user sees who can serve a net."""
     config = load_config(model_dir, runtime)
     if config.format != "caffe":
         return {}
     from .caffe import read_prototxt, upgrade_net
-    from .runtimes.gaps import layer_support
+    from .runtimes.gaps import CAFFE_ENGINES, find_gaps
 
-    kinds = [layer.type for layer in upgrade_net(read_prototxt(config.files["prototxt"])).layer]
-    table = {}
-    for kind, engines in layer_support(kinds).items():
-        table[kind] = {
+    layers = list(upgrade_net(read_prototxt(config.files["prototxt"])).layer)
+    kinds = [layer.type for layer in layers]
+    why_not: dict[str, dict[str, str]] = {kind: {} for kind in kinds}
+    for engine in CAFFE_ENGINES:
+        for _, kind, reason in find_gaps(engine, layers):
+            why_not[kind].setdefault(engine, reason)
+    return {
+        kind: {
             "count": kinds.count(kind),
-            "engines": [engine for engine, why in engines.items() if why is None],
-            "not": {engine: why for engine, why in engines.items() if why is not None},
+            "engines": [engine for engine in CAFFE_ENGINES if engine not in not_here],
+            "not": not_here,
         }
-    return table
+        for kind, not_here in why_not.items()
+    }
 
 
 def _wrong_method(exc: HTTPException) -> HTTPException:

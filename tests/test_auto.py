@@ -170,6 +170,32 @@ def test_an_engine_with_a_known_gap_is_not_a_candidate(tmp_path: Path) -> None:
     assert "LRN" in choice.excluded["opencv"] and choice.runtime in ("onnxruntime", "openvino")
 
 
+def test_only_engines_that_run_every_layer_are_candidates(tmp_path: Path) -> None:
+    """A fork layer OpenCV's importer lacks (SegNet's BN): auto never loads opencv for the net."""
+    _needs_all_engines()
+    from seldon_caffe.caffe import load_caffe_net
+    from seldon_caffe.weights import fill_random_weights
+
+    model_dir = tmp_path / "bn"
+    model_dir.mkdir()
+    (model_dir / "deploy.prototxt").write_text(
+        'name: "bn"\nlayer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 6 dim: 6 } } }\n'
+        'layer { name: "bn" type: "BN" bottom: "data" top: "bn" bn_param { bn_mode: INFERENCE } }\n'
+    )
+    net = load_caffe_net(model_dir / "deploy.prototxt")
+    fill_random_weights(net)
+    (model_dir / "weights.caffemodel").write_bytes(net.caffemodel_bytes())
+    (model_dir / "model.yaml").write_text(
+        "name: bn\nformat: caffe\nruntime: auto\nfiles: {prototxt: deploy.prototxt, weights: weights.caffemodel}\n"
+    )
+    config = load_config(model_dir)
+    loaded: list[str] = []
+    load_fastest(config, _counting_loader(loaded)).close()
+    choice = cached_choice(config)
+    assert "opencv" not in loaded and choice is not None
+    assert "BN" in choice.excluded["opencv"] and choice.runtime in ("onnxruntime", "openvino")
+
+
 def test_hooks_that_change_weights_keep_an_engine_that_can(tmp_path: Path) -> None:
     """dl_inference's "change weights from a request parameter, then run": auto must not
     serve such hooks with an engine whose set_weights raises."""

@@ -294,3 +294,17 @@ def test_inspect_lists_unknown_layer_types(tmp_path: Path, caffe_weights, capsys
     assert main(["inspect", str(model), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["unknown"] == {"fields": [], "layer_types": ["Im2col"]}
+
+
+def test_inspect_says_which_engines_run_each_layer_type(capsys) -> None:
+    """The detection example: every engine runs its caffe-ssd layers; real BVLC Caffe does not."""
+    assert main(["inspect", str(REPO / "examples" / "detection"), "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    assert layers["DetectionOutput"]["count"] == 1
+    assert layers["DetectionOutput"]["engines"] == ["opencv", "onnxruntime", "openvino", "torch"]
+    assert "not in BVLC Caffe 1.0" in layers["PriorBox"]["not"]["pycaffe"]
+    assert layers["Convolution"]["engines"] == ["pycaffe", "opencv", "onnxruntime", "openvino", "torch"]
+    assert main(["inspect", str(REPO / "examples" / "detection")]) == 0
+    text = capsys.readouterr().out
+    assert "DetectionOutput x1: opencv onnxruntime openvino torch" in text
+    assert "not pycaffe: not in BVLC Caffe 1.0" in text
