@@ -179,7 +179,8 @@ def test_only_engines_that_run_every_layer_are_candidates(tmp_path: Path) -> Non
     model_dir = tmp_path / "bn"
     model_dir.mkdir()
     (model_dir / "deploy.prototxt").write_text(
-        'name: "bn"\nlayer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 6 dim: 6 } } }\n'
+        'name: "bn"\n'
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 6 dim: 6 } } }\n'
         'layer { name: "bn" type: "BN" bottom: "data" top: "bn" bn_param { bn_mode: INFERENCE } }\n'
     )
     net = load_caffe_net(model_dir / "deploy.prototxt")
