@@ -234,7 +234,13 @@ def _fork_bn(
 
 def _run_layer(net: CaffeNet, layer: caffe_pb2.LayerParameter, bottoms: list[np.ndarray]) -> list[np.ndarray]:
     """The layer's tops, computed by a one-layer OpenCV net fed with `bottoms` (or, for a
-    fork layer OpenCV lacks, by its ONNX conversion in onnxruntime, when installed)."""
+    fork layer OpenCV lacks, by its ONNX conversion in onnxruntime, when installed; a Python
+    layer by its own class, from the prototxt's directory, as serving runs it)."""
+    if layer.type == "Python":
+        from .caffe.python_layer import PythonLayer
+
+        code = PythonLayer(layer, [b.shape for b in bottoms], Path(net.source).parent)
+        return code.run(bottoms)
     single, values = _single_layer_net(net, layer, bottoms)
     try:
         return _run_in_opencv(single, layer, values)
