@@ -29,14 +29,12 @@ from typing import Any
 import numpy as np
 import pytest
 from google.protobuf.message import Message
-from helpers import ZOO
+from helpers import ZOO, one_net_per_engine
 
 from caffe_oracle import reference
 from seldon_caffe.caffe import load_caffe_net, read_prototxt, upgrade_net
 from seldon_caffe.caffe.fork_proto import FORK_FIELDS
 from seldon_caffe.caffe.forks import FORK_SHAPE_RULES
-from seldon_caffe.config import parse_config
-from seldon_caffe.runtimes import Runtime, load_runtime
 from seldon_caffe.runtimes.gaps import find_gaps
 
 REL_TOL = 1e-4
@@ -172,28 +170,16 @@ def real_caffe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 @pytest.fixture(scope="session")
 def runtimes(real_caffe: ReferenceData) -> Iterator[Any]:
-    """load(name, runtime): one loaded net per runtime at a time (cases come net by net),
-    so each net loads once per runtime and at most two workers are alive."""
-    loaded: dict[str, tuple[str, Runtime]] = {}
+    """load(name, runtime): one loaded net per runtime at a time (helpers.one_net_per_engine)."""
 
-    def load(name: str, runtime: str) -> Runtime:
-        if runtime in loaded and loaded[runtime][0] == name:
-            return loaded[runtime][1]
-        if runtime in loaded:
-            loaded.pop(runtime)[1].close()
+    def raw(name: str, runtime: str) -> tuple[dict, Path]:
         weights = real_caffe.weights(name)
-        raw = {
-            "files": {"prototxt": str(NETS[name]), "weights": str(weights)},
-            "runtime": runtime,
-            "options": {"pycaffe_command": reference.python_command(), "threads": 2},
-        }
-        model = load_runtime(parse_config(raw, weights.parent))
-        loaded[runtime] = (name, model)
-        return model
+        files = {"prototxt": str(NETS[name]), "weights": str(weights)}
+        options = {"pycaffe_command": reference.python_command(), "threads": 2}
+        return {"files": files, "runtime": runtime, "options": options}, weights.parent
 
-    yield load
-    for _, model in loaded.values():
-        model.close()
+    with one_net_per_engine(raw) as load:
+        yield load
 
 
 @pytest.mark.parametrize(("name", "runtime", "batch"), list(runtime_cases(NETS, RUNTIMES)))

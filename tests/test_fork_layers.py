@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import one_net_per_engine
 from test_conformance import BATCHES, LAYER_NETS, REL_TOL, relative_error, runs_on_real_caffe
 
 from caffe_oracle import fork_reference, reference
@@ -43,8 +44,7 @@ from seldon_caffe.caffe import (
     upgrade_net,
 )
 from seldon_caffe.caffe.to_onnx import caffe_to_onnx
-from seldon_caffe.config import parse_config
-from seldon_caffe.runtimes import REGISTRY, Runtime, load_runtime
+from seldon_caffe.runtimes import REGISTRY, Runtime
 from seldon_caffe.runtimes.gaps import find_gaps
 from seldon_caffe.weights import fill_random_weights
 
@@ -185,26 +185,15 @@ def fork_nets(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], ForkN
 
 @pytest.fixture(scope="session")
 def engines(fork_nets: Callable[[str], ForkNet]) -> Iterator[Callable[[str, str], Runtime]]:
-    """load(net, engine): one loaded net per engine at a time (cases come net by net)."""
-    loaded: dict[str, tuple[str, Runtime]] = {}
+    """load(net, engine): one loaded net per engine at a time (helpers.one_net_per_engine)."""
 
-    def load(name: str, engine: str) -> Runtime:
-        if engine in loaded and loaded[engine][0] == name:
-            return loaded[engine][1]
-        if engine in loaded:
-            loaded.pop(engine)[1].close()
+    def raw(name: str, engine: str) -> tuple[dict, Path]:
         data = fork_nets(name)
-        raw = {
-            "files": {"prototxt": str(data.prototxt), "weights": str(data.weights)},
-            "runtime": engine,
-            "options": {"threads": 1},
-        }
-        loaded[engine] = (name, load_runtime(parse_config(raw, data.weights.parent)))
-        return loaded[engine][1]
+        files = {"prototxt": str(data.prototxt), "weights": str(data.weights)}
+        return {"files": files, "runtime": engine, "options": {"threads": 1}}, data.weights.parent
 
-    yield load
-    for _, model in loaded.values():
-        model.close()
+    with one_net_per_engine(raw) as load:
+        yield load
 
 
 def needs_engine(engine: str) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import ZOO
+from helpers import ZOO, one_net_per_engine
 from service import running_service
 from test_conformance import (
     BATCHES,
@@ -44,7 +44,7 @@ from seldon_caffe import extras, quantize
 from seldon_caffe.caffe import load_caffe_net
 from seldon_caffe.config import load_config, parse_config
 from seldon_caffe.errors import ConfigError, ModelLoadError, SeldonCaffeError
-from seldon_caffe.runtimes import REGISTRY, Runtime, load_runtime
+from seldon_caffe.runtimes import REGISTRY, load_runtime
 
 RUNTIMES = ("onnxruntime", "openvino")
 # The runtimes that serve a Caffe net through its ONNX conversion (torch rebuilds it in torch.fx).
@@ -106,23 +106,15 @@ def onnx_reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 @pytest.fixture(scope="session")
 def onnx_runtimes(onnx_reference: Any) -> Iterator[Any]:
     """load(name, runtime): the net converted on load; one net per runtime alive at a time."""
-    loaded: dict[str, tuple[str, Runtime]] = {}
 
-    def load(name: str, runtime: str) -> Runtime:
-        if runtime in loaded and loaded[runtime][0] == name:
-            return loaded[runtime][1]
-        if runtime in loaded:
-            loaded.pop(runtime)[1].close()
+    def raw(name: str, runtime: str) -> tuple[dict, Path]:
         data = onnx_reference(name)
         data.net(name)  # real Caffe writes the weights first
-        raw = {"files": {"prototxt": str(ALL_NETS[name]), "weights": str(data.weights(name))}, "runtime": runtime}
-        model = load_runtime(parse_config(raw, data.weights(name).parent))
-        loaded[runtime] = (name, model)
-        return model
+        files = {"prototxt": str(ALL_NETS[name]), "weights": str(data.weights(name))}
+        return {"files": files, "runtime": runtime}, data.weights(name).parent
 
-    yield load
-    for _, model in loaded.values():
-        model.close()
+    with one_net_per_engine(raw) as load:
+        yield load
 
 
 @pytest.mark.reference
