@@ -37,6 +37,14 @@ def cpu_model() -> str:
     return cpu.describe()
 
 
+def load_sentence() -> str:
+    """ "Load average (5 min) at the end: ..." for a report: a busy machine makes every number
+    lower, so a shared one is said, with how to read it."""
+    load = os.getloadavg()[1]
+    shared = " (the machine was shared: read the ratios more than the absolutes)" if load > 1.5 else ""
+    return f"Load average (5 min) at the end: {load:.1f} on {os.cpu_count()} cores{shared}."
+
+
 def caffe_blas() -> str:
     """The OpenBLAS build and kernel real Caffe runs with here (under the environment's
     OPENBLAS_* settings): an OpenBLAS older than the CPU falls back to a slow generic kernel."""

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "detection"
 sys.path[:0] = [str(REPO), str(EXAMPLE), str(REPO / "examples")]
 import shapes_data  # noqa: E402
-from _report import cpu_model, write_section  # noqa: E402
+from _report import cpu_model, load_sentence, write_section  # noqa: E402
 from _train import load_hooks  # noqa: E402
 
 from seldon_caffe.errors import SeldonCaffeError  # noqa: E402
@@ -104,8 +104,6 @@ def measure(
 def report(engines: list[str], samples: dict, failed: dict[str, str], command: str, took: float) -> str:
     import cv2
 
-    load = os.getloadavg()[1]  # 5-minute average: a busy machine makes every number lower
-    shared = " (the machine was shared: read the ratios more than the absolutes)" if load > 1.5 else ""
     lines = [
         "## Detection example (SSD) per engine",
         "",
@@ -114,7 +112,7 @@ def report(engines: list[str], samples: dict, failed: dict[str, str], command: s
         f"DetectionOutput keeping at most 20 boxes), batch 1, {THREADS} thread for every engine (model.yaml). "
         "net = `model.run` on a prepared input; request = `SeldonCaffeModel.predict` on a 96x96 PNG (decode, "
         "resize, run, postprocess). Images/s = 1 / median seconds per call, engines interleaved. "
-        f"OpenCV {cv2.__version__}. Load average (5 min) at the end: {load:.1f} on {os.cpu_count()} cores{shared}.",
+        f"OpenCV {cv2.__version__}. {load_sentence()}",
         "",
         "| engine | net img/s | request img/s | request ms |",
         "| --- | ---: | ---: | ---: |",

@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from _report import caffe_blas, cpu_model, write_section  # noqa: E402
+from _report import caffe_blas, cpu_model, load_sentence, write_section  # noqa: E402
 
 from caffe_oracle import reference  # noqa: E402
 from seldon_caffe.config import ModelConfig, parse_config  # noqa: E402
@@ -216,8 +216,6 @@ def worker_overhead(work: Path, rounds: int, seconds: float) -> list[tuple[int, 
 def report(nets: list[str], runtimes: list[str], samples: Samples, overhead: list, command: str, took: float) -> str:
     """The Markdown section: machine, command, images/s with ratios to real Caffe, overhead."""
     engines = [BASELINE, *runtimes]
-    load = os.getloadavg()[1]  # 5-minute average: a busy machine makes every number lower
-    shared = " (the machine was shared: read the ratios more than the absolutes)" if load > 1.5 else ""
     lines = [
         "## Caffe runtimes",
         "",
@@ -228,7 +226,7 @@ def report(nets: list[str], runtimes: list[str], samples: Samples, overhead: lis
         f"BVLC Caffe 1.0 (Debian bullseye python3-caffe, {caffe_blas()}), timed in-process inside its root; the others "
         "around "
         f"`model.run` (pycaffe: the worker in that root, through its pipe). OpenCV {_opencv_version()}. "
-        f"Load average (5 min) at the end: {load:.1f} on {os.cpu_count()} cores{shared}.",
+        f"{load_sentence()}",
         "",
         "| net | batch | " + " | ".join(engines) + " |",
         "| --- | ---: | " + " | ".join("---:" for _ in engines) + " |",
