@@ -22,7 +22,7 @@ from test_fork_layers import make_inputs
 
 from seldon_caffe.caffe import CaffeFormatError, CaffeNet, infer_shapes, load_caffe_net, parse_prototxt
 from seldon_caffe.caffe.forks import FORK_SHAPE_RULES
-from seldon_caffe.caffe.forks.ssd import DATA_DEPENDENT_DIMS
+from seldon_caffe.caffe.forks.ssd import data_dependent_axes
 from seldon_caffe.caffe.to_onnx import BATCH_DIM, UnsupportedLayer, caffe_to_onnx, unconvertible_layers
 from seldon_caffe.runtimes.gaps import find_gaps
 from seldon_caffe.weights import fill_random_weights
@@ -119,7 +119,7 @@ def test_converts_checker_clean_with_caffe_names_and_any_batch(path: Path, opset
     feed = make_inputs(net, batch, seed=1) if forks else random_inputs(net, batch)
     got = run_onnx(model, feed)
     shapes = infer_shapes(net.definition, {name: value.shape for name, value in feed.items()})  # ROIs: their own count
-    free = {la.top[i]: axes for la in net.definition.layer for i, axes in DATA_DEPENDENT_DIMS.get(la.type, {}).items()}
+    free = data_dependent_axes(net.definition)
     for name in net.outputs:  # DetectionOutput's rows: as many as the data gives
         fixed = [d for i, d in enumerate(shapes[name]) if i not in free.get(name, ())]
         assert [d for i, d in enumerate(got[name].shape) if i not in free.get(name, ())] == fixed, name

@@ -35,7 +35,7 @@ from onnx import helper
 
 from ..progress import Progress
 from . import caffe_pb2, onnx_forks, onnx_math, onnx_nn, onnx_shape, onnx_ssd  # noqa: F401 (the onnx_* modules register converters)
-from .forks.ssd import DATA_DEPENDENT_DIMS
+from .forks.ssd import data_dependent_axes
 from .io import CaffeFormatError, PathLike
 from .net import CaffeNet, load_caffe_net
 from .onnx_graph import CONVERTERS, DEFAULT_OPSET, MIN_OPSET, GraphBuilder, LayerView, UnsupportedLayer, value_info
@@ -215,10 +215,9 @@ def _shapes_and_dims(
 def _free_data_dependent_dims(net: CaffeNet, dims: dict[str, list[int | str | None]]) -> None:
     """Axes whose size only the data decides (DetectionOutput's rows) are unknown (None) in
     the signature, whatever placeholder size the shape rules give them."""
-    for layer in net.definition.layer:
-        for index, axes in DATA_DEPENDENT_DIMS.get(layer.type, {}).items():
-            for axis in axes:
-                dims[layer.top[index]][axis] = None
+    for blob, axes in data_dependent_axes(net.definition).items():
+        for axis in axes:
+            dims[blob][axis] = None
 
 
 def _dim(at_one: int, at_two: int) -> int | str | None:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..caffe import CaffeFormatError, CaffeNet, Shape, caffe_pb2, infer_shapes, param_shapes, read_prototxt
-from ..caffe.forks.ssd import DATA_DEPENDENT_DIMS
+from ..caffe.forks.ssd import data_dependent_axes
 from ..caffe.io import read_bytes
 from ..caffe.shapes import UnsupportedLayerType
 from ..caffe.upgrade import upgrade_net
@@ -298,13 +298,8 @@ class CaffeModel:
 
     def _output_specs(self, blobs: Shapes, others: list[Shapes]) -> list[TensorSpec]:
         """The answers' specs: a dim that changed in any trial is -1, and so is one the data
-        decides (DetectionOutput's row count: forks/ssd.py DATA_DEPENDENT_DIMS)."""
-        by_data = {
-            top: set(dims)
-            for layer in self.definition.layer
-            for index, dims in DATA_DEPENDENT_DIMS.get(layer.type, {}).items()
-            for top in layer.top[index : index + 1]
-        }
+        decides (DetectionOutput's row count: forks/ssd.py data_dependent_axes)."""
+        by_data = data_dependent_axes(self.definition)
         specs = []
         for name in self.output_names:
             shape = blobs[name]

@@ -27,6 +27,16 @@ Rule = Callable[[caffe_pb2.LayerParameter, list[Shape]], list[Shape]]
 DATA_DEPENDENT_DIMS: dict[str, dict[int, tuple[int, ...]]] = {"DetectionOutput": {0: (2,)}}
 
 
+def data_dependent_axes(net: caffe_pb2.NetParameter) -> dict[str, tuple[int, ...]]:
+    """{blob: axes whose size only the data decides} for the net's layers (DATA_DEPENDENT_DIMS)."""
+    return {
+        layer.top[index]: axes
+        for layer in net.layer
+        for index, axes in DATA_DEPENDENT_DIMS.get(layer.type, {}).items()
+        if index < len(layer.top)
+    }
+
+
 def _normalize(layer: caffe_pb2.LayerParameter, bottoms: list[Shape]) -> list[Shape]:
     shape = one_bottom(bottoms)
     if len(shape) < 2:
