@@ -200,13 +200,18 @@ def _blob(kind: str, index: int, shape: Sequence[int], rng: np.random.RandomStat
 def _batchnorm(shapes: Sequence[Sequence[int]], bottom: np.ndarray | None, rng: np.random.RandomState) -> list:
     """mean * f, variance * f and f: Caffe divides the moving-average factor f out."""
     channels = shapes[0][0]
-    if bottom is not None:
-        x = np.moveaxis(bottom, 1, 0).reshape(channels, -1)
-        mean, var = x.mean(axis=1), x.var(axis=1) + 1e-2
-    else:
-        mean, var = np.zeros(channels), np.ones(channels)
+    mean, var = _channel_statistics(bottom, channels)
     factor = rng.uniform(0.5, 2.0)
     return [mean * factor, var * factor, np.full(shapes[2], factor)]
+
+
+def _channel_statistics(bottom: np.ndarray | None, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and variance (+ 1e-2) of a normalisation layer's input, as training
+    would have stored them; 0 and 1 where the input could not be computed."""
+    if bottom is None:
+        return np.zeros(channels), np.ones(channels)
+    x = np.moveaxis(bottom, 1, 0).reshape(channels, -1)
+    return x.mean(axis=1), x.var(axis=1) + 1e-2
 
 
 def _fork_bn(
@@ -218,11 +223,7 @@ def _fork_bn(
     """SegNet's [scale, shift] or PSPNet's [scale, shift, mean, variance], each (1, C, 1, 1)."""
     channels = shapes[0][1]
     scale, shift = rng.uniform(0.5, 1.5, channels), rng.normal(0.0, 0.2, channels)
-    if bottom is not None:
-        x = np.moveaxis(bottom, 1, 0).reshape(channels, -1)
-        mean, var = x.mean(axis=1), x.var(axis=1) + 1e-2
-    else:
-        mean, var = np.zeros(channels), np.ones(channels)
+    mean, var = _channel_statistics(bottom, channels)
     if len(shapes) == 4:
         arrays = [scale, shift, mean, var]
     elif layer.bn_param.bn_mode == caffe_pb2.BNParameter.INFERENCE:  # statistics folded in
