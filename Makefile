@@ -14,8 +14,14 @@ MODEL    ?= examples/vision
 # pkg_resources, which setuptools 70 removed; it brings protobuf 3.20.3.
 SELDON117 := "seldon-core==1.17.1" "setuptools<70"
 E2E_117  := tests/test_e2e.py tests/test_caffe_format.py
+# Images (podman, as root; scripts/image/). The tag follows the package's version.
+VERSION     := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' seldon_caffe/__init__.py)
+BUILDER     ?= localhost/seldon-caffe-s2i:$(VERSION)
+GPU_BUILDER ?= localhost/seldon-caffe-s2i-gpu:$(VERSION)
+IMAGE       ?= localhost/seldon-caffe-$(notdir $(abspath $(MODEL))):latest
 
-.PHONY: help setup setup-117 caffe-env tools demo serve test test-fast test-117 lint bench proto clean
+.PHONY: help setup setup-117 caffe-env tools demo serve test test-fast test-117 lint bench proto clean \
+	image image-gpu model-image image-test
 
 help:
 	@echo "make setup      create $(VENV) (Python 3.12) with seldon-caffe and its extras ($(EXTRAS))"
@@ -27,6 +33,10 @@ help:
 	@echo "make caffe-env  build the real-Caffe reference root (Debian bullseye python3-caffe; root only)"
 	@echo "make tools      install protoc and shellcheck with apt-get when missing (root only)"
 	@echo "make lint       ruff check, ruff format --check and mypy"
+	@echo "make image      build the s2i builder image $(BUILDER) with podman (root; docs/deploy.md)"
+	@echo "make image-gpu  build the GPU builder image $(GPU_BUILDER)"
+	@echo "make model-image MODEL=DIR [IMAGE=NAME]  build a model image from DIR, as s2i build does"
+	@echo "make image-test build both builders and run the container tests (part of make test)"
 	@echo "make bench      run benchmarks/ and update docs/benchmarks.md"
 
 # One stamp per set of extras: `make setup EXTRAS=onnx` (README's walk-through) and a later
@@ -76,12 +86,13 @@ serve: setup
 # The generated caffe_pb2 must also work on the 1.17.1 lane's protobuf 3.20: the main run
 # checks it through that venv's interpreter (tests/test_caffe_format.py).
 test: setup setup-117 caffe-env tools
-	SELDON_CAFFE_PB320_PYTHON=$(VENV117)/bin/python $(PY) -m pytest -q -rs
+	SELDON_CAFFE_PB320_PYTHON=$(VENV117)/bin/python $(PY) -m pytest -q -rs -m "not image"
 	$(MAKE) test-117
+	$(MAKE) image-test
 
 # The quick tier: tests marked e2e (a real service), reference (real Caffe), gpu or slow are
 # left out (markers: setup.cfg's [tool:pytest]). It needs only `make setup`, no root.
-FAST := not e2e and not reference and not gpu and not slow
+FAST := not e2e and not reference and not gpu and not slow and not image
 test-fast: setup
 	$(PY) -m pytest -q -rs -n 2 -m "$(FAST)"
 
@@ -92,7 +103,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy  # [tool.mypy] in pyproject.toml: seldon_caffe/
-	@if command -v shellcheck >/dev/null; then shellcheck -x s2i/bin/* scripts/*.sh; else echo "shellcheck not installed: skipped"; fi
+	@if command -v shellcheck >/dev/null; then shellcheck -x s2i/bin/* scripts/*.sh scripts/image/*.sh; else echo "shellcheck not installed: skipped"; fi
 
 bench: setup caffe-env tools
 	nice $(PY) benchmarks/runtimes.py
@@ -100,6 +111,24 @@ bench: setup caffe-env tools
 	nice $(PY) benchmarks/tensorflow.py
 	nice $(PY) benchmarks/torch_runtime.py
 	nice $(PY) benchmarks/payloads.py
+
+# The stand-in base (when python:3.12-slim-bookworm cannot be pulled) copies this interpreter.
+image:
+	@test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found (set PYTHON312=/path/to/python3.12)"; exit 1; }
+	SELDON_CAFFE_BASE_PYTHON=$(PYTHON312) bash scripts/image/build.sh builder cpu $(BUILDER)
+
+image-gpu:
+	@test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found (set PYTHON312=/path/to/python3.12)"; exit 1; }
+	SELDON_CAFFE_BASE_PYTHON=$(PYTHON312) bash scripts/image/build.sh builder gpu $(GPU_BUILDER)
+
+model-image: image
+	bash scripts/image/build.sh model $(MODEL) $(BUILDER) $(IMAGE)
+
+# The container tests (tests/test_image.py, marker `image`) on the builders just built; they
+# build their model images from these, and write the pod-cost figures into docs/deploy.md.
+image-test: setup image image-gpu
+	SELDON_CAFFE_TEST_BUILDER=$(BUILDER) SELDON_CAFFE_TEST_GPU_BUILDER=$(GPU_BUILDER) \
+		$(PY) -m pytest -q -rs -m image tests/test_image.py
 
 proto:
 	bash scripts/gen_caffe_pb2.sh

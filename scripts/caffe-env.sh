@@ -22,16 +22,11 @@ TMP="$ROOT.tmp"
 say() { echo "caffe-env: $*"; }
 die() { echo "caffe-env: error: $*" >&2; exit 1; }
 
+# shellcheck source=scripts/rootfs.sh
+. "$(dirname "$0")/rootfs.sh"
+
 imports_caffe() { chroot "$1" /usr/bin/env -i PATH=/usr/bin:/bin GLOG_minloglevel=2 python3 -c 'import caffe' 2>/dev/null; }
 
-# Unmount whatever an interrupted debootstrap left mounted (proc, sys...) under $1, deepest
-# first, so that removing the directory can never reach into the host's /proc or /sys.
-unmount_under() {
-    local dir
-    dir="$(realpath -m "$1")"
-    awk -v d="$dir" '$2 == d || index($2, d "/") == 1 { print $2 }' /proc/self/mounts | sort -r |
-        while read -r mnt; do umount -l "$mnt" || die "cannot unmount $mnt; remove $1 by hand"; done
-}
 
 if [ -d "$ROOT" ]; then
     if [ "$(id -u)" -ne 0 ]; then

@@ -14,6 +14,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,7 @@ def serve_command(args: argparse.Namespace) -> int:
         max_request_bytes=max_request_bytes,
         verbose=args.verbose,
         **counts,
-        **_ports(args),
+        **_ports(args),  # type: ignore[arg-type]  # ports only: ints, as the fields are
     )
     configure_logging(args.verbose)  # the check-load below logs conversions it caches
     check_ports(options)  # before the model load below, which can take a while
@@ -151,8 +152,8 @@ def serve_command(args: argparse.Namespace) -> int:
     os.environ[MAX_REQUEST_BYTES_ENV] = str(max_request_bytes)
     # Load once here: a broken model then stops start-up with our one-line message,
     # instead of a server dying with a traceback in a loop.
-    runtime = _check_load(options)
-    options = _batching_concurrency(options)
+    runtime, model_name = _check_load(options)
+    options = replace(_batching_concurrency(options), model_name=model_name)
     os.environ[MODEL_DIR_ENV] = str(model_dir)
     if options.protocol == "v2":
         print(
@@ -193,8 +194,8 @@ def _batching_concurrency(options: Any) -> Any:
     return replace(options, threads=max(options.threads, need), grpc_threads=max(options.grpc_threads, need))
 
 
-def _check_load(options: Any) -> str:
-    """Load the model as the service will, then close it; the runtime's name.
+def _check_load(options: Any) -> tuple[str, str]:
+    """Load the model as the service will, then close it; the runtime's name and the model's.
 
     Seldon's servers get the signature handed over ($SELDON_CAFFE_METADATA): they must not
     open the model before they fork. The V2 route loads through the Pipeline alone, so it
@@ -209,14 +210,14 @@ def _check_load(options: Any) -> str:
             raise SeldonCaffeError("--protocol v2 runs MLServer, not installed: pip install 'seldon-caffe[mlserver]'")
         pipeline = Pipeline.load(options.model_dir, options.runtime)
         pipeline.close()
-        return pipeline.model.name
+        return pipeline.model.name, pipeline.config.name
     from .model import METADATA_ENV, SeldonCaffeModel
 
     preflight = SeldonCaffeModel(str(options.model_dir), options.runtime)
-    model = preflight.load().model
+    pipeline = preflight.load()
     os.environ[METADATA_ENV] = json.dumps(preflight.init_metadata())
-    model.close()
-    return model.name
+    pipeline.model.close()
+    return pipeline.model.name, pipeline.config.name
 
 
 def _ports(args: argparse.Namespace) -> dict[str, int]:

@@ -36,16 +36,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
 from dataclasses import asdict, dataclass
 from functools import partial
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from .errors import GRPC_CODES, SeldonCaffeError
+from .errors import SeldonCaffeError
 from .limits import DEFAULT_MAX_REQUEST_BYTES
 from .seldon_metrics import metrics_store
 
@@ -75,6 +72,9 @@ class ServeOptions:
     grpc_threads: int = 4
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     verbose: bool = False  # Seldon's, Flask's and gunicorn's start-up logs, and each process's own
+    # model.yaml's name, as the check-load read it: the V2 supervisor names the model without
+    # reading the config (which imports numpy: memory a process that only supervises need not hold)
+    model_name: str = ""
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "model_dir": str(self.model_dir)})
@@ -307,7 +307,10 @@ def _child(run: Callable[..., None], user: Any, metrics: Any, options: ServeOpti
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent across the fork
     os.setsid()
     die_with_parent()
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    # The parent died before prctl took effect. (Not getppid() == 1: in a container the
+    # supervisor itself is PID 1.)
+    parent = multiprocessing.parent_process()
+    if parent is None or os.getppid() != parent.pid:
         return
     run(user, metrics, options)
 
@@ -375,6 +378,8 @@ def _run_metrics(_user: Any, metrics: Any, options: ServeOptions) -> None:
 
 
 def _run_grpc(user: Any, metrics: Any, options: ServeOptions) -> None:
+    from .grpc_service import grpc_server
+
     server = grpc_server(user, metrics, options)
     user.load()
     address = f"0.0.0.0:{options.grpc_port}"
@@ -392,60 +397,6 @@ def _run_grpc(user: Any, metrics: Any, options: ServeOptions) -> None:
     while not stop.wait(1.0):
         pass
     server.stop(DRAIN_S).wait()  # refuses new calls, lets in-flight ones finish
-
-
-def grpc_server(user: Any, metrics: Any, options: ServeOptions) -> Any:
-    """Seldon's gRPC servicer behind our status-code interceptor, with the request limit
-    on messages in both directions (gRPC's own default is 4 MB)."""
-    from grpc_reflection.v1alpha import reflection
-    from seldon_core.proto import prediction_pb2, prediction_pb2_grpc
-    from seldon_core.wrapper import SeldonModelGRPC
-
-    grpc_options = [
-        ("grpc.max_send_message_length", options.max_request_bytes),
-        ("grpc.max_receive_message_length", options.max_request_bytes),
-        # Several gRPC workers share the port; a single one must own it alone.
-        ("grpc.so_reuseport", int(options.grpc_workers > 1)),
-    ]
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=options.grpc_threads),
-        options=grpc_options,
-        interceptors=[StatusInterceptor(user)],
-    )
-    servicer = SeldonModelGRPC(user, metrics)
-    services = ("Generic", "Model", "Transformer", "OutputTransformer", "Combiner", "Router", "Seldon")
-    for service in services:  # every service Seldon's own server offers
-        getattr(prediction_pb2_grpc, f"add_{service}Servicer_to_server")(servicer, server)
-    names = [prediction_pb2.DESCRIPTOR.services_by_name[s].full_name for s in services]
-    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
-    return server
-
-
-class StatusInterceptor(grpc.ServerInterceptor):
-    """A failed call ends with the status code matching its HTTP status and the same
-    message as over REST (gRPC's default for any exception is UNKNOWN)."""
-
-    def __init__(self, user: Any):
-        self.user = user
-
-    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        handler = continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        call = handler.unary_unary
-
-        def guarded(request: Any, context: Any) -> Any:
-            self.user.request_started()
-            try:
-                return call(request, context)
-            except Exception as exc:
-                error = self.user.request_error(exc)
-                code = getattr(grpc.StatusCode, GRPC_CODES.get(error.status_code, "INTERNAL"))
-                context.abort(code, error.message)
-
-        return grpc.unary_unary_rpc_method_handler(
-            guarded, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
 
 
 if __name__ == "__main__":

@@ -239,7 +239,8 @@ def test_usage_explains_the_builder():
 def test_s2i_scripts_are_shellcheck_clean():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-    scripts = [f"s2i/bin/{name}" for name in ("assemble", "run", "usage", "defaults.sh")]
+    scripts = [f"s2i/bin/{name}" for name in ("assemble", "run", "usage", "defaults.sh", "entrypoint")]
+    scripts += [str(p.relative_to(REPO)) for p in sorted((REPO / "scripts").glob("**/*.sh"))]
     done = subprocess.run(["shellcheck", "-x", *scripts], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
 
@@ -253,11 +254,12 @@ def test_dockerfiles_are_s2i_builders(dockerfile):
             assert (REPO / source).exists(), f"{dockerfile} copies {source}, which the repository lacks"
     # the V2 protocol's MLServer by default (s2i/bin/run's SELDON_CAFFE_PROTOCOL=v2, `k8s --target seldon-v2|kserve`)
     assert "ARG WITH_MLSERVER=1" in text and "mlserver" in text and "8080" in text.split("EXPOSE")[-1]
-    if dockerfile == "Dockerfile":
-        assert "FROM python:3.12-slim" in text
-    else:
-        assert re.search(r"^FROM nvidia/cuda:12[\w.-]*cudnn-runtime", text, re.MULTILINE)
-        assert "onnxruntime-gpu" in text
+    # Python 3.12 for both (seldon-core 1.19 and MLServer 1.7 share only it); the GPU image
+    # takes CUDA from the wheels of torch and onnxruntime-gpu, not from an nvidia/cuda base
+    assert re.search(r"^FROM python:3\.12-slim-bookworm$", text, re.MULTILINE)
+    assert 'ENTRYPOINT ["/s2i/bin/entrypoint"]' in text  # the service is PID 1: s2i/bin/entrypoint
+    if dockerfile == "Dockerfile.gpu":
+        assert "onnxruntime-gpu" in text and "ARG EXTRAS=torch" in text
 
 
 def test_init_refuses_to_overwrite_and_writes_nothing(tmp_path, capsys):

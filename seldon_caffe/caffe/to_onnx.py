@@ -17,8 +17,9 @@ per-family converters in `onnx_nn.py`, `onnx_math.py` and `onnx_shape.py`. Promi
   Caffe's `net.blobs[name]` holds it);
 * the model passes `onnx.checker`.
 
-`CONVERTER_VERSION` is part of the conversion cache key (`runtimes/_onnx_source.py`): bump
-it whenever the ONNX this module writes for the same Caffe files changes.
+`CONVERTER_VERSION` (caffe/converter_version.py) is part of the conversion cache key
+(`runtimes/_onnx_source.py`): bump it whenever the ONNX this module writes for the same Caffe
+files changes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from onnx import helper
 
 from ..progress import Progress
 from . import caffe_pb2, onnx_forks, onnx_math, onnx_nn, onnx_shape, onnx_ssd  # noqa: F401 (the onnx_* modules register converters)
+from .converter_version import CONVERTER_VERSION
 from .forks.ssd import data_dependent_axes
 from .io import CaffeFormatError, PathLike
 from .net import CaffeNet, load_caffe_net
@@ -42,7 +44,6 @@ from .onnx_graph import CONVERTERS, DEFAULT_OPSET, MIN_OPSET, GraphBuilder, Laye
 from .params import param_shapes
 from .shapes import SUPPORTED_LAYERS, Shape, infer_shapes
 
-CONVERTER_VERSION = "4"
 BATCH_DIM = "N"
 _INPUT_LAYERS = ("Input", "MemoryData")  # their tops become graph inputs
 

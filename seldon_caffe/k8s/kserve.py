@@ -83,6 +83,10 @@ def build(spec: DeploySpec) -> list[dict[str, Any]]:
                 "MLSERVER_PARALLEL_WORKERS": 0,
             }
         ),
+        # Ready when this model is (MLServer's /v2/health/ready is already true before any model
+        # is registered); the runtime is this model's own, so its name is known here.
+        "readinessProbe": _probe(f"/v2/models/{name}/ready", period=5, failures=3),
+        "livenessProbe": _probe("/v2/health/live", period=10, failures=3),
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "privileged": False,
@@ -165,3 +169,7 @@ def _extra(spec: DeploySpec) -> dict[str, Any]:
     if spec.threads:
         extra["threads"] = spec.threads
     return extra
+
+
+def _probe(path: str, *, period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": HTTP_PORT}, "periodSeconds": period, "failureThreshold": failures}

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import re
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -42,6 +44,10 @@ __all__ = [
     "resolve_runtime",
     "runtime_class",
 ]
+
+
+# Set by s2i/Dockerfile(.gpu) to the EXTRAS the builder image was built with.
+IMAGE_EXTRAS_ENV = "SELDON_CAFFE_IMAGE_EXTRAS"
 
 
 def resolve_runtime(config: ModelConfig) -> str:
@@ -71,7 +77,19 @@ def runtime_class(name: str) -> type[Runtime]:
     try:
         return declared.load_class()
     except ImportError as exc:
-        raise ModelLoadError(f"runtime {name!r} is not available: {exc} (install {declared.install})") from None
+        raise ModelLoadError(f"runtime {name!r} is not available: {exc} ({install_hint(declared.install)})") from None
+
+
+def install_hint(install: str) -> str:
+    """How to get an engine that is not installed: pip's words, or, inside one of our builder
+    images (s2i/Dockerfile sets IMAGE_EXTRAS_ENV), the EXTRAS to build the builder with."""
+    image_extras = os.environ.get(IMAGE_EXTRAS_ENV)
+    wanted = re.fullmatch(r"seldon-caffe\[([\w,-]+)\]", install)
+    if image_extras is None or wanted is None:
+        return f"install {install}"
+    extras = [e for e in image_extras.split(",") if e]
+    extras += [e for e in wanted.group(1).split(",") if e not in extras]
+    return f"this image has EXTRAS={image_extras}: build the builder with --build-arg EXTRAS={','.join(extras)}"
 
 
 def load_runtime(config: ModelConfig) -> Runtime:

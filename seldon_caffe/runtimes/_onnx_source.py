@@ -23,6 +23,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..caffe.converter_version import CONVERTER_VERSION
 from ..config import ModelConfig
 from ..errors import ConfigError, ModelLoadError
 from ..paths import cache_dir
@@ -83,8 +84,6 @@ def int8_model_path(config: ModelConfig, must_exist: bool = False) -> Path:
 def converted_caffe_model(config: ModelConfig, model: CaffeModel | None = None) -> Path:
     """The cached ONNX conversion of the config's Caffe files at the warm-up shapes of
     `model` (made from `config` when not given), converting on a miss."""
-    from ..caffe.to_onnx import CONVERTER_VERSION
-
     model = model or CaffeModel.from_config(config)
     digest = hashlib.sha256(f"seldon-caffe onnx converter {CONVERTER_VERSION}\n".encode())
     for role in ("prototxt", "weights"):

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from .. import cpu
+from ..caffe.converter_version import CONVERTER_VERSION
 from ..config import ModelConfig
 from ..errors import ModelLoadError, SeldonCaffeError, first_line
 from ..paths import cache_dir
@@ -335,17 +336,16 @@ def _version(distribution: str) -> str | None:
 
 
 def _cache_key(config: ModelConfig) -> str:
-    try:
-        from ..caffe.to_onnx import CONVERTER_VERSION as converter  # what the ONNX engines run
-    except ImportError:  # no onnx: neither ONNX engine is a candidate
-        converter = "none"
-    digest = hashlib.sha256(f"seldon-caffe auto {CHOICE_VERSION} converter {converter}\n".encode())
+    # the converter's version: what the ONNX engines run
+    digest = hashlib.sha256(f"seldon-caffe auto {CHOICE_VERSION} converter {CONVERTER_VERSION}\n".encode())
     digest.update(config.files["prototxt"].read_bytes())
     # The caffemodel by size and modification time, as make does: hashing a 240 MB AlexNet
     # took 0.5 s, which a second start should not pay for a choice that a stale key costs
     # at most some speed (the net's layers, which decide faithfulness, are the prototxt's).
+    # Whole seconds: an image layer (a tar) keeps no more, so the choice `s2i build` made
+    # must still match in the container.
     weights = config.files["weights"].stat()
-    digest.update(f"{weights.st_size} {weights.st_mtime_ns}".encode())
+    digest.update(f"{weights.st_size} {int(weights.st_mtime)}".encode())
     context = {
         "options": config.options,
         "batch": timing_batch(config),

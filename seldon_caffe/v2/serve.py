@@ -29,7 +29,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..config import load_config
 from ..errors import SeldonCaffeError
 from ..server import (
     LOG_FORMAT,
@@ -112,8 +111,14 @@ def model_settings(options: ServeOptions) -> dict[str, Any]:
     if options.runtime:
         extra["runtime"] = options.runtime
     parameters.update(uri=str(options.model_dir), extra=extra)
-    name = user.get("name") or load_config(options.model_dir).name
+    name = user.get("name") or options.model_name or _config_name(options.model_dir)
     return {**user, "name": name, "implementation": IMPLEMENTATION, "parameters": parameters}
+
+
+def _config_name(model_dir: Path) -> str:
+    from ..config import load_config  # numpy and yaml come with it: only when `serve` gave no name
+
+    return load_config(model_dir).name
 
 
 def _read_model_settings(path: Path) -> dict[str, Any]:
