@@ -124,11 +124,12 @@ image-gpu:
 model-image: image
 	bash scripts/image/build.sh model $(MODEL) $(BUILDER) $(IMAGE)
 
-# The container tests (tests/test_image.py, marker `image`) on the builders just built; they
-# build their model images from these, and write the pod-cost figures into docs/deploy.md.
+# The container tests (tests/test_image.py, marker `image`) on the builders just built (they
+# build their model images from these), then the pod-cost figures into docs/deploy.md.
 image-test: setup image image-gpu
 	SELDON_CAFFE_TEST_BUILDER=$(BUILDER) SELDON_CAFFE_TEST_GPU_BUILDER=$(GPU_BUILDER) \
 		$(PY) -m pytest -q -rs -m image tests/test_image.py
+	$(PY) benchmarks/pod_cost.py $(BUILDER) $(GPU_BUILDER)
 
 proto:
 	bash scripts/gen_caffe_pb2.sh

@@ -121,7 +121,6 @@ def main(argv: list[str]) -> int:
     if gpu_builder:
         sizes["GPU builder"] = image_size_mb(gpu_builder)
     lines = [
-        MARKERS[0],
         f"Measured by `benchmarks/pod_cost.py` (`make image-test`) on {cpu_model()}, podman with runc; "
         f"{time.strftime('%Y-%m-%d', time.localtime(began))}. {GOALS}.",
         "",
@@ -135,7 +134,6 @@ def main(argv: list[str]) -> int:
         + ".",
         "",
         load_sentence(),
-        MARKERS[1],
     ]
     write_section("\n".join(lines), REPO / "docs" / "deploy.md", MARKERS)
     print("\n".join(lines))
