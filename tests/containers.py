@@ -17,11 +17,11 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from service import Service, free_port, wait_ready
+from service import Service, free_port, ready_until_stopped, wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts" / "image"
@@ -117,16 +117,11 @@ def stop_container(container: Container, grace_s: int = STOP_GRACE_S) -> int:
     return int(code) if code.lstrip("-").isdigit() else -1
 
 
-@contextlib.contextmanager
-def running_container(image: str, protocol: str = "seldon", timeout: float = 180, **kwargs) -> Iterator[Container]:
+def running_container(
+    image: str, protocol: str = "seldon", timeout: float = 180, **kwargs
+) -> contextlib.AbstractContextManager[Container]:
     """A ready container (as tests/service.py's running_service), stopped and removed after."""
-    container = start_container(image, protocol, **kwargs)
-    try:
-        wait_ready(container, timeout)
-        yield container
-    finally:
-        stop_container(container)
-        container.log_path.unlink(missing_ok=True)
+    return ready_until_stopped(start_container(image, protocol, **kwargs), stop_container, timeout)
 
 
 def seconds_to_ready(container: Container, started: float, timeout: float = 180) -> float:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,20 +63,24 @@ class Service:
         return self.log_path.read_text(errors="replace")
 
 
-@contextlib.contextmanager
 def running_service(
     model_dir: Path,
     *extra_args: str,
     env: dict[str, str] | None = None,
     timeout: float = START_TIMEOUT_S,
     verbose: bool = True,
-) -> Iterator[Service]:
-    service = start_service(model_dir, *extra_args, env=env, verbose=verbose)
+) -> contextlib.AbstractContextManager[Service]:
+    return ready_until_stopped(start_service(model_dir, *extra_args, env=env, verbose=verbose), stop, timeout)
+
+
+@contextlib.contextmanager
+def ready_until_stopped[S: Service](service: S, stop_with: Callable[[S], object], timeout: float) -> Iterator[S]:
+    """`service` once ready; stopped with `stop_with`, its log removed, however the block ends."""
     try:
         wait_ready(service, timeout)
         yield service
     finally:
-        stop(service)
+        stop_with(service)
         service.log_path.unlink(missing_ok=True)
 
 

@@ -80,6 +80,9 @@ def vision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model_dir = copy_model(EXAMPLES / "vision", tmp_path_factory.mktemp("vision") / "vision")
     shutil.rmtree(model_dir / ".cache", ignore_errors=True)
     (model_dir / "hooks.py").write_text((model_dir / "hooks.py").read_text() + SLEEPING_HOOK)
+    # s2i puts a source's .s2i/environment into the image's environment: run reads this one
+    (model_dir / ".s2i").mkdir()
+    (model_dir / ".s2i" / "environment").write_text("# the model's own\nGUNICORN_THREADS=3\n")
     return model_dir
 
 
@@ -200,9 +203,12 @@ def test_the_image_answers_as_the_venv_service_does(vision_image: str, vision_di
     with running_container(vision_image, protocol) as container:
         got = rest(container), grpc_call(container)
         pid1 = container.exec("cat", "/proc/1/cmdline").stdout.replace("\0", " ")
+        log = container.log()
     assert_same_answers(got[0], want[0])
     assert_same_answers(got[1], want[1])
     assert "-m seldon_caffe.server" in pid1  # s2i/bin/entrypoint: the supervisor is PID 1
+    if protocol == "seldon":
+        assert "(1 x 3 threads)" in log, log  # the model's .s2i/environment
 
 
 @pytest.mark.parametrize("protocol", ["seldon", "v2"])

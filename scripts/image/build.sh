@@ -6,7 +6,8 @@
 #
 # `model` writes what `s2i build MODEL_DIR BUILDER IMAGE --as-dockerfile` writes (the source
 # copied to the builder's io.openshift.s2i.destination + /src, owned by the builder's user,
-# the model's .s2i/environment as ENV, `assemble` run as that user, `run` as the command),
+# the model's .s2i/environment as ENV, `assemble` run as that user, `run` as the command, the
+# source's own .s2i/bin scripts in place of the builder's where it has them),
 # then builds it: the same image s2i would make, with no s2i binary and no Docker daemon.
 set -euo pipefail
 SCRIPT_NAME=image
@@ -41,6 +42,16 @@ environment_lines() {
     done <"$file"
 }
 
+# The builder's script NAME, or the source's own .s2i/bin/NAME when it has one (as s2i does).
+script() {
+    local source=$1 destination=$2 name=$3
+    if [ -f "$source/.s2i/bin/$name" ]; then
+        echo "$destination/src/.s2i/bin/$name"
+    else
+        echo "/s2i/bin/$name"
+    fi
+}
+
 build_model() {
     local source=$1 builder=$2 image=$3
     [ -d "$source" ] || die "no model directory $source"
@@ -61,8 +72,8 @@ build_model() {
         echo "COPY upload/src $destination/src"
         echo "RUN chown -R $user:0 $destination/src"
         echo "USER $user"
-        echo "RUN /s2i/bin/assemble"
-        echo "CMD /s2i/bin/run"
+        echo "RUN $(script "$source" "$destination" assemble)"
+        echo "CMD $(script "$source" "$destination" run)"
     } >"$context/Dockerfile"
     say "building $image from $source on $builder"
     build -t "$image" "$context"
