@@ -12,16 +12,18 @@ here_build=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # Ours unless the caller gave one: runc, cgroupfs (why: containers.conf here).
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$here_build/containers.conf}"
 
-# podman, buildah and runc are Debian packages; iptables is what netavark needs for -p.
+# podman, buildah and runc are Debian packages; netavark (with aardvark-dns) is podman's
+# network stack, and iptables what it needs to publish ports (-p).
 need_podman() {
-    command -v podman >/dev/null && command -v runc >/dev/null && command -v iptables >/dev/null && return
+    command -v podman >/dev/null && command -v runc >/dev/null && command -v iptables >/dev/null &&
+        [ -x /usr/lib/podman/netavark ] && return
     if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
         die "podman, runc and iptables are needed: apt-get install podman buildah runc iptables (as root)"
     fi
-    say "installing podman, buildah, runc and iptables"
+    say "installing podman, buildah, runc, netavark and iptables"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        podman buildah runc iptables uidmap >/dev/null
+        podman buildah runc netavark aardvark-dns iptables uidmap >/dev/null
 }
 
 # --ulimit flags within what this machine allows. podman's defaults (nofile 1048576) exceed
