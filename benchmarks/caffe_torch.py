@@ -47,6 +47,7 @@ sys.path.insert(1, str(REPO))
 sys.path.insert(1, str(REPO / "benchmarks"))
 from seldon_caffe.caffe import load_caffe_net  # noqa: E402
 from seldon_caffe.caffe.net import WeightsError  # noqa: E402
+from seldon_caffe.faithfulness import relative_error  # noqa: E402
 
 ZOO = Path(os.environ.get("SELDON_CAFFE_ZOO", REPO.parent / "shared" / "caffe-zoo"))
 NETS = {"bvlc_googlenet": "googlenet", "resnet50": "resnet50", "mobilenet_v2": "mobilenet_v2"}
@@ -214,7 +215,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "precision": precision,
                     "batch": batch,
                     "load_s": load_s,
-                    "rel_err": float(np.max(np.abs(got - want)) / np.max(np.abs(want))),
+                    "rel_err": relative_error(got, want),
                     "top1": float(np.mean(got.reshape(batch, -1).argmax(1) == want.reshape(batch, -1).argmax(1))),
                 }
                 row.update({k: batch / s for k, s in seconds.items() if not k.endswith("_cpu")})

@@ -31,6 +31,7 @@ from caffe_oracle import reference
 from seldon_caffe import cpu, quantize
 from seldon_caffe.caffe.to_onnx import convert_files
 from seldon_caffe.config import parse_config
+from seldon_caffe.faithfulness import relative_error
 from seldon_caffe.runtimes import Runtime, load_runtime
 
 NETS = ("bvlc_googlenet", "resnet50", "mobilenet_v2", "squeezenet_v1_1")
@@ -100,7 +101,7 @@ def _error(model: Runtime, check: dict) -> tuple[float, float]:
     (output, want), *_ = check["outputs"].items()
     have = got[output].reshape(len(want), -1)
     want = want.reshape(len(want), -1)
-    relative = float(np.max(np.abs(have - want)) / np.max(np.abs(want)))
+    relative = relative_error(have, want)
     return relative, float(np.mean(have.argmax(1) == want.argmax(1)))
 
 

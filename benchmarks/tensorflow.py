@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from _report import cpu_model, wait_for_quiet, write_section
 
+from seldon_caffe.faithfulness import relative_error
+
 # This script is named like the package it measures; run as a script, its folder is first on
 # sys.path and `import tensorflow` would find this file. Take the folder off the path.
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
@@ -99,7 +101,7 @@ def measure(case: dict[str, Any], work: Path, repeats: int) -> dict[str, Any]:
         # CPU time of all our threads per call: the work done, which other jobs on a shared
         # machine inflate far less than wall time (spinning threads count, waiting ones not).
         result[f"b{batch}_cpu_ms"] = 1000 * (time.process_time() - cpu) / n
-    result["max_rel_diff"] = float(np.max(np.abs(y - reference["y"])) / np.max(np.abs(reference["y"])))
+    result["max_rel_diff"] = relative_error(y, reference["y"])
     result["clients2_rps"] = _two_clients(run, reference["x"][:1], repeats)
     result["openmp_loaded"] = _openmp_libraries()
     return result

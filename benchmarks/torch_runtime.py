@@ -47,6 +47,7 @@ import torchvision  # noqa: E402
 import yaml  # noqa: E402
 from _report import cpu_model, wait_for_quiet, write_section  # noqa: E402
 
+from seldon_caffe.faithfulness import relative_error  # noqa: E402
 from seldon_caffe.model import SeldonCaffeModel  # noqa: E402
 
 MODELS = {
@@ -199,7 +200,7 @@ def measure(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                     runners = {"raw_device": raw.on_device, **runners}
                 seconds = interleaved(runners, args.warmup, args.repeats, cuda)
                 want, got = raw.numpy(x), served.predict(x)
-                diff = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+                diff = relative_error(got, want)
                 row = {"model": name, "precision": precision, "batch": batch, "diff": diff}
                 row.update({k: batch / s for k, s in seconds.items() if not k.endswith("_cpu")})
                 row.update({f"{k}_ms": 1000 * s for k, s in seconds.items() if k.endswith("_cpu")})

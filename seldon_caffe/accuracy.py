@@ -27,6 +27,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import SeldonCaffeError, first_line
+from .faithfulness import relative_error
 from .hooks import request_context
 from .pipeline import Pipeline
 from .quantize import read_sample
@@ -88,7 +89,7 @@ def compare(want: Sequence[Outputs], got: Sequence[Outputs]) -> dict[str, dict[s
         a = np.concatenate([np.asarray(w[name], np.float64).reshape(len(w[name]), -1) for w in want])
         b = np.concatenate([np.asarray(g[name], np.float64).reshape(len(g[name]), -1) for g in got])
         stats = {
-            "relative_error": float(np.max(np.abs(b - a)) / max(float(np.max(np.abs(a))), 1e-12)),
+            "relative_error": relative_error(got=b, want=a),
             "mean_abs_error": float(np.mean(np.abs(b - a))),
         }
         if a.shape[1] > 1:

@@ -28,6 +28,7 @@ from seldon_caffe.runtimes import load_runtime
 
 torch = pytest.importorskip("torch", reason="the torch runtime needs torch (pip install -e .[torch])")
 from seldon_caffe.caffe.to_torch import UnsupportedOp, onnx_to_torch  # noqa: E402
+from seldon_caffe.faithfulness import relative_error  # noqa: E402
 
 LENET_INPUTS = [np.random.default_rng(b).standard_normal((b, 1, 28, 28)).astype(np.float32) for b in (1, 3)]
 
@@ -63,10 +64,6 @@ def lenet_dir(tmp_path: Path, lenet_example: Path, name: str = "lenet", **option
 def answers(model_dir: Path) -> list[np.ndarray]:
     with load_runtime(load_config(model_dir)) as model:
         return [model.run({"data": x})["prob"] for x in LENET_INPUTS]
-
-
-def relative_error(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.max(np.abs(a.astype(np.float64) - b)) / np.max(np.abs(b)))
 
 
 @pytest.mark.slow

@@ -9,8 +9,9 @@ Agreement: relative error <= 1e-4, where
 
     relative error = max|a - b| / max(max|b|, 1e-12)
 
-with `a` the runtime's output and `b` real Caffe's: the worst absolute difference against
-the scale of the output itself. (An elementwise ratio would explode wherever Caffe's
+with `a` the runtime's output and `b` real Caffe's (seldon_caffe/faithfulness.py, the
+project's one measure): the worst absolute difference against the scale of the output
+itself. (An elementwise ratio would explode wherever Caffe's
 output is near zero, which post-ReLU and softmax outputs mostly are.)
 
 Gaps: where a runtime cannot do a layer, the case is a strict expected failure carrying
@@ -35,10 +36,10 @@ from caffe_oracle import reference
 from seldon_caffe.caffe import load_caffe_net, read_prototxt, upgrade_net
 from seldon_caffe.caffe.fork_proto import FORK_FIELDS
 from seldon_caffe.caffe.forks import FORK_SHAPE_RULES
+from seldon_caffe.faithfulness import relative_error
 from seldon_caffe.runtimes.gaps import find_gaps
 
 REL_TOL = 1e-4
-TINY = 1e-12
 BATCHES = (1, 4)
 RUNTIMES = ("opencv", "pycaffe")
 LAYER_NETS = Path(__file__).parent / "layer_nets"
@@ -69,12 +70,6 @@ pytestmark = [
     pytest.mark.reference,
     pytest.mark.skipif(reference.unavailable_reason() is not None, reason=f"{reference.unavailable_reason()}"),
 ]
-
-
-def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    """max|a - b| / max(max|b|, tiny): see the module docstring for why this measure."""
-    scale = max(float(np.max(np.abs(expected))), TINY) if expected.size else TINY
-    return float(np.max(np.abs(actual.astype(np.float64) - expected))) / scale if expected.size else 0.0
 
 
 def runtime_cases(nets: dict[str, Path], runtimes: Sequence[str]) -> Iterator[Any]:

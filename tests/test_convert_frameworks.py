@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from service import running_service
 
+from seldon_caffe.faithfulness import relative_error
+
 TOLERANCE = 1e-4
 # TensorFlow and tf2onnx: a SavedModel built, converted and run in subprocesses, 10-30 s a test.
 pytestmark = pytest.mark.slow
@@ -33,10 +35,6 @@ def seldon_caffe(*args: object, check: bool = True) -> subprocess.CompletedProce
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
-
-
-def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-12))
 
 
 def onnx_model_dir(onnx: Path, where: Path) -> Path:

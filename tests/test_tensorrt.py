@@ -29,6 +29,7 @@ from seldon_caffe.convert.tensorrt import (
     resolve_batches,
 )
 from seldon_caffe.errors import BadRequest, ConfigError, ModelLoadError, SeldonCaffeError
+from seldon_caffe.faithfulness import relative_error
 from seldon_caffe.quantize import load_samples, model_inputs
 from seldon_caffe.runtimes import load_runtime
 from seldon_caffe.runtimes.tensorrt import numpy_dtype, profile_problem
@@ -420,10 +421,6 @@ def onnxruntime_outputs(model: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
 
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     return session.run(["out"], feed)[0]
-
-
-def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-12))
 
 
 @pytest.mark.gpu

@@ -52,6 +52,7 @@ from .. import cpu
 from ..caffe.converter_version import CONVERTER_VERSION
 from ..config import ModelConfig
 from ..errors import ModelLoadError, SeldonCaffeError, first_line
+from ..faithfulness import worst_relative_error
 from ..paths import cache_dir
 from ..threads import THREAD_VARIABLES
 from ._onnx_source import CACHE_SUBDIR
@@ -207,7 +208,7 @@ def _drop_unfaithful(config: ModelConfig, loaded: dict[str, Runtime], feed: dict
         return  # lower precisions differ from each other by design; the user asked for one
     reference_name = next(iter(answers))
     for name in list(loaded)[1:]:
-        error = relative_error(answers[reference_name], answers[name])
+        error = worst_relative_error(got=answers[name], want=answers[reference_name])
         if not error <= TOLERANCE:  # (NaN fails too)
             log.warning(
                 "runtime auto: %s answers %s differently from %s (relative error %.2g > %g): not served",
@@ -219,18 +220,6 @@ def _drop_unfaithful(config: ModelConfig, loaded: dict[str, Runtime], feed: dict
             )
             excluded[name] = f"differs from {reference_name} by {error:.2g} (> {TOLERANCE:g})"
             loaded.pop(name).close()
-
-
-def relative_error(want: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:
-    """The largest max|got - want| / max|want| over the outputs both have."""
-    worst = 0.0
-    for name in want.keys() & got.keys():
-        a, b = np.asarray(want[name], np.float64), np.asarray(got[name], np.float64)
-        if a.shape != b.shape:
-            return float("inf")
-        scale = max(float(np.max(np.abs(a), initial=0.0)), 1e-12)
-        worst = max(worst, float(np.max(np.abs(b - a), initial=0.0)) / scale)
-    return worst
 
 
 def _time(loaded: dict[str, Runtime], feed: dict) -> dict[str, float]:
