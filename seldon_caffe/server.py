@@ -44,6 +44,7 @@ from typing import Any
 
 from .errors import SeldonCaffeError
 from .limits import DEFAULT_MAX_REQUEST_BYTES
+from .patching import replace
 from .seldon_metrics import metrics_store
 
 logger = logging.getLogger("seldon_caffe.server")  # also when run as __main__
@@ -125,7 +126,13 @@ def serve(options: ServeOptions) -> int:
     taken port is reported at once.
     """
     configure_logging(options.verbose)
+    from gunicorn import util
+
     from .model import SeldonCaffeModel
+
+    # Checked here, before any server starts (they inherit it through fork): gunicorn's
+    # workers look write_error up on every request they refuse.
+    replace(util, "write_error", _json_error_page, library="gunicorn")
 
     # One metrics store for every server (Seldon's: a multiprocessing manager process). It is
     # started with SIGINT/SIGTERM ignored: a terminal's Ctrl-C reaches the whole process group,
@@ -322,13 +329,10 @@ def die_with_parent() -> None:
 
 
 def _run_rest(user: Any, metrics: Any, options: ServeOptions) -> None:
-    from gunicorn import util
     from seldon_core import wrapper
     from seldon_core.gunicorn_utils import UserModelApplication, post_worker_init, worker_exit
 
     from .model import rest_error_response
-
-    util.write_error = _json_error_page  # the workers look it up there on every refusal
 
     app = wrapper.get_rest_microservice(user, metrics)
     app.config["MAX_CONTENT_LENGTH"] = options.max_request_bytes  # werkzeug answers 413 past it

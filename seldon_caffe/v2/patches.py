@@ -1,8 +1,9 @@
 """Where MLServer 1.7 falls short of the service's error policy, and what changes at import.
 
 The changes are made when the runtime module is imported, in the process that serves it
-(MLServer imports the model class before it loads the model); each keeps what MLServer does
-and fixes where it falls short:
+(MLServer imports the model class before it loads the model), each checked to fit what it
+replaces (seldon_caffe/patching.py); each keeps what MLServer does and fixes where it falls
+short:
 
 - gRPC status codes: MLServer maps only HTTP 400, 404, 422 and 500 to gRPC codes; anything
   else becomes UNKNOWN. The service's 413, 503 and 504 get the codes they have over Seldon v1.
@@ -34,6 +35,7 @@ from mlserver.rest import endpoints
 from mlserver.types import TensorData
 
 from ..errors import GRPC_CODES
+from ..patching import replace
 
 # V2 datatype -> the little-endian numpy dtype of its raw bytes (the protocol's byte order)
 RAW_DTYPES = {
@@ -94,7 +96,11 @@ def inject_raw_arrays(tensors: list[Any], contents: list[bytes]) -> list[Any]:
 
 
 def apply() -> None:
-    for status, code in GRPC_CODES.items():
-        grpc_utils.STATUS_CODE_MAPPING.setdefault(status, getattr(grpc.StatusCode, code))
-    converters.inject_raw = inject_raw_arrays  # both are looked up on each call
-    endpoints.StreamingResponse = FirstEventFirstResponse
+    """Make the changes (module docstring), each checked to fit what it replaces
+    (seldon_caffe/patching.py): a mismatch stops this process with one line naming MLServer's
+    version, rather than leaving a change silently undone."""
+    codes = {status: getattr(grpc.StatusCode, code) for status, code in GRPC_CODES.items()}
+    mapping = {**codes, **grpc_utils.STATUS_CODE_MAPPING}  # MLServer's own codes stay
+    replace(grpc_utils, "STATUS_CODE_MAPPING", mapping, library="mlserver")
+    replace(converters, "inject_raw", inject_raw_arrays, library="mlserver")  # looked up on each call
+    replace(endpoints, "StreamingResponse", FirstEventFirstResponse, library="mlserver")

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +31,7 @@ from mlserver.utils import get_model_uri
 from prometheus_client import Gauge, Histogram
 
 from ..errors import ModelUnavailable, SeldonCaffeError, first_line
+from ..patching import PatchError
 from ..pipeline import STAGES, Pipeline, RequestStats, log_failure
 from ..server import LOG_FORMAT
 from . import patches
@@ -38,7 +41,13 @@ logger = logging.getLogger("seldon_caffe.v2")
 
 DEFAULT_THREADS = 4
 
-patches.apply()
+try:
+    patches.apply()
+except PatchError as error:
+    # MLServer would log a model that failed to load and go on serving nothing: stop instead,
+    # with the one line that says which library changed.
+    print(f"seldon-caffe: error: {error}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 class SeldonCaffeRuntime(MLModel):
